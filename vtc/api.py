@@ -1,0 +1,261 @@
+"""`vtc.patch`: find the adapter, build the strategy, install on the instance, return a PatchHandle."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from . import adapters as _adapters  # noqa: F401  (registers the adapters)
+from . import strategies as _strategies  # noqa: F401  (registers the strategies)
+from .adapters.base import find_adapter
+from .budget import prefill_flops, validate_keep
+from .strategies.base import Strategy, build_strategy
+
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class SampleReport:
+    """What one sample of the last forward went through."""
+
+    visual_in: int
+    visual_after_pre_llm: int
+    visual_per_layer: list[int]
+    tokens_per_layer: list[int]
+    flops: float
+    flops_unpatched: float
+    images: list[int]
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops / self.flops_unpatched if self.flops_unpatched else 1.0
+
+
+class Report:
+    """Per sample: visual tokens in, kept before the LLM, at every decoder layer, and LLM prefill FLOPs.
+
+    `str(report)` is a table; `report.samples` holds the numbers; `report.to_dict()` serialises them."""
+
+    def __init__(self, strategy: str, samples: list[SampleReport], notes: list[str]):
+        self.strategy = strategy
+        self.samples = samples
+        self.notes = notes
+
+    def to_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "notes": list(self.notes),
+            "samples": [dict(vars(s), flops_ratio=s.flops_ratio) for s in self.samples],
+        }
+
+    def __str__(self) -> str:
+        head = f"{'sample':>6} {'images':>6} {'visual in':>9} {'pre-LLM':>8} {'last layer':>10} {'FLOPs':>7}  per layer"
+        lines = [f"vtc report: strategy={self.strategy}", head, "-" * len(head)]
+        for i, s in enumerate(self.samples):
+            per_layer = _run_lengths(s.visual_per_layer)
+            lines.append(
+                f"{i:>6} {len(s.images):>6} {s.visual_in:>9} {s.visual_after_pre_llm:>8} "
+                f"{s.visual_per_layer[-1] if s.visual_per_layer else 0:>10} {s.flops_ratio:>6.1%}  {per_layer}"
+            )
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append("FLOPs = estimated LLM prefill FLOPs relative to the unpatched model (vision tower excluded)")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _run_lengths(values: list[int]) -> str:
+    """'576 x2, 288 x30' for a per-layer count list."""
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j] == values[i]:
+            j += 1
+        out.append(f"{values[i]} x{j - i}")
+        i = j
+    return ", ".join(out)
+
+
+class PatchHandle:
+    """Returned by `vtc.patch`. Holds the strategy and the record of the last forward; `unpatch()` undoes it.
+
+    After patching, a forward returns logits for the *compacted* sequence: dropped visual tokens have no
+    output row (text positions keep their order; samples of a batch are left-padded to the longest)."""
+
+    def __init__(self, model: torch.nn.Module, adapter, strategy: Strategy):
+        self.model = model
+        self.adapter = adapter
+        self.strategy = strategy
+        self.reuse_selection = False
+        self._last: dict | None = None
+
+    # --- public ---------------------------------------------------------------------------------
+    def unpatch(self) -> None:
+        """Restore the model exactly: hooks removed, the language model's own forward back."""
+        if _ACTIVE.get(self.model) is self:
+            self.adapter.uninstall()
+            del _ACTIVE[self.model]
+
+    @property
+    def active(self) -> bool:
+        return _ACTIVE.get(self.model) is self
+
+    def last_kept(self, stage: str = "final") -> list[torch.Tensor]:
+        """Per sample of the last forward, sorted indices into that sample's visual tokens (its images'
+        tokens concatenated in order) that entered the LLM (`stage="pre_llm"`) or reached the last decoder
+        layer (`stage="final"`, the default)."""
+        if stage not in ("final", "pre_llm"):
+            raise ValueError("stage must be 'final' or 'pre_llm'")
+        return [k.clone() for k in self._require_last()["kept"][stage]]
+
+    def report(self) -> Report:
+        """Tokens kept per sample and layer, and the estimated prefill FLOPs vs the unpatched model."""
+        last = self._require_last()
+        return Report(self.strategy.describe(), last["samples"], last["notes"])
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unpatch()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "unpatched"
+        return f"PatchHandle({type(self.model).__name__}, strategy={self.strategy.describe()}, {state})"
+
+    # --- called by the decoder loop -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _require_last(self) -> dict:
+        if self._last is None:
+            raise RuntimeError("no forward has run on the patched model yet")
+        return self._last
+
+    def _frozen_selection(self, stage: str, image_ids: list[int], n_tokens: int) -> torch.Tensor | None:
+        if not self.reuse_selection or self._last is None:
+            return None
+        previous = self._last["selections"].get(stage)
+        if previous is None or max(image_ids) >= len(previous):
+            return None
+        return torch.stack([previous[i] for i in image_ids]).to(self.device)
+
+    def _record_text_only(self, batch: int) -> None:
+        self._last = {
+            "kept": {"final": [torch.empty(0, dtype=torch.long)] * batch, "pre_llm": [torch.empty(0, dtype=torch.long)] * batch},
+            "samples": [],
+            "notes": ["text-only input: nothing to prune, the model ran unpatched"],
+            "selections": {},
+        }
+
+    def _record_prefill(self, layout, segments, n_layers: int, selections: dict) -> None:
+        config = self.adapter.language_model.config
+        batch = segments[0].valid.shape[0]
+        starts, images_of = [0] * batch, [[] for _ in range(batch)]
+        offset = 0
+        for image, (count, sample) in enumerate(zip(layout.counts, layout.sample_of_image)):
+            if not images_of[sample]:
+                starts[sample] = offset
+            images_of[sample].append(image)
+            offset += count
+        visual_in = [sum(layout.counts[i] for i in images_of[b]) for b in range(batch)]
+
+        def kept(seg, b):
+            idx = seg.vis_index[b][(seg.vis_index[b] >= 0) & seg.valid[b]]
+            return (idx - starts[b]).sort().values.cpu()
+
+        counts = [((s.vis_index >= 0) & s.valid).sum(1).tolist() for s in segments]
+        totals = [s.valid.sum(1).tolist() for s in segments]
+        layer_seg = [max(j for j, s in enumerate(segments) if s.start_layer <= layer) for layer in range(n_layers)]
+        samples = []
+        for b in range(batch):
+            tokens = [totals[layer_seg[layer]][b] for layer in range(n_layers)]
+            full = totals[0][b] + visual_in[b] - counts[0][b]
+            samples.append(
+                SampleReport(
+                    visual_in=visual_in[b],
+                    visual_after_pre_llm=counts[0][b],
+                    visual_per_layer=[counts[layer_seg[layer]][b] for layer in range(n_layers)],
+                    tokens_per_layer=tokens,
+                    flops=prefill_flops(config, tokens),
+                    flops_unpatched=prefill_flops(config, [full] * n_layers),
+                    images=images_of[b],
+                )
+            )
+        self._last = {
+            "kept": {
+                "pre_llm": [kept(segments[0], b) for b in range(batch)],
+                "final": [kept(segments[-1], b) for b in range(batch)],
+            },
+            "samples": samples,
+            "notes": list(getattr(self.strategy, "notes", [])),
+            "selections": selections,
+        }
+
+
+def patch(
+    model: torch.nn.Module,
+    strategy: str | Strategy | None = None,
+    keep: float | int | None = None,
+    **options,
+) -> PatchHandle:
+    """Install a visual-token compression strategy on `model` (in place, this instance only).
+
+    Args:
+        model: a supported transformers VLM (see `vtc.supported_models()`).
+        strategy: a name from `vtc.list_strategies()` (hyphenated spellings such as "VTC-CLS" resolve),
+            a Strategy instance, or None for no compression.
+        keep: a float in (0, 1], the fraction of each image's visual tokens kept, or an int, the tokens
+            kept per image. None takes the strategy's paper default.
+        **options: strategy options (e.g. `layer=2` for FastV).
+
+    Returns a PatchHandle: `report()`, `last_kept()`, `unpatch()`; also a context manager.
+
+    Example:
+        >>> handle = vtc.patch(model, strategy="fastv", keep=0.5)
+        >>> out = model.generate(**inputs, max_new_tokens=20)
+        >>> print(handle.report())
+        >>> handle.unpatch()
+    """
+    if model in _ACTIVE:
+        raise RuntimeError("this model is already patched by vtc: call handle.unpatch() (or vtc.unpatch(model)) first")
+    adapter = find_adapter(model)
+    if keep is None:
+        keep = strategy.keep if isinstance(strategy, Strategy) else None
+    if keep is not None:
+        validate_keep(keep, adapter.tokens_per_image())
+    if keep is None:
+        from .strategies.base import get_strategy_class
+
+        keep = getattr(get_strategy_class(strategy or "none"), "default_keep", 1.0)
+    built = build_strategy(strategy, keep, options)
+    adapter.check(built)
+    handle = PatchHandle(model, adapter, built)
+    try:
+        adapter.install(handle)
+    except BaseException:
+        adapter.uninstall()
+        raise
+    _ACTIVE[model] = handle
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Undo `vtc.patch` on this model (no-op when it is not patched)."""
+    handle = _ACTIVE.get(model)
+    if handle is not None:
+        handle.unpatch()
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, strategy: str | Strategy | None = None, keep: float | int | None = None, **options):
+    """`with vtc.patched(model, "fastv", keep=0.25) as handle: ...` unpatches on exit, even after an error."""
+    handle = patch(model, strategy, keep, **options)
+    try:
+        yield handle
+    finally:
+        handle.unpatch()

@@ -1,0 +1,161 @@
+"""The strategy interface and the registry of strategies.
+
+A strategy is a small object that says at which stage it works and which probes it needs, and turns
+scores into selections. It never touches model internals: adapters do (see DESIGN.md, section 3).
+
+- Pre-LLM strategies (`stage = "pre_llm"`) see every image's projected features and the vision probes
+  (e.g. the [CLS] attention row at some vision layers) and return, per image, the sorted indices kept.
+- In-LLM strategies (`stage = "llm"`) name a decoder layer `llm_layer`; the adapter runs the layers
+  before it on the full sequence, computes the text-to-visual attention rows at layer `llm_layer - 1`
+  from q and k (never `output_attentions`), and drops the visual tokens the strategy does not select
+  before layer `llm_layer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..budget import tokens_to_keep, validate_keep
+
+
+@dataclass
+class VisualTokens:
+    """The visual tokens of a group of images that share one token grid.
+
+    features: (I, N, D) the tokens as they enter (or flow through) the LLM.
+    grid: (rows, cols) of the token grid, rows * cols == N (raster order).
+    budget: tokens to keep per image.
+    cls_attention: vision layer -> (I, heads, N) attention of the [CLS] query to each visual token
+        (softmax over all keys of that layer, [CLS] included; the [CLS] column itself is not in N).
+    received_attention: vision layer -> (I, heads, N) attention each visual token receives, averaged
+        over the patch queries (the [CLS] query excluded) at that layer.
+    text_attention: (I, Q, N) attention of the chosen text queries to each visual token, averaged over
+        heads (in-LLM strategies only), softmax over the whole causal row.
+    image_index: (I,) global index of each image in the batch (order of appearance).
+    """
+
+    features: torch.Tensor
+    grid: tuple[int, int]
+    budget: int
+    cls_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    received_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    text_attention: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
+
+    @property
+    def num_images(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[1]
+
+
+class Strategy:
+    """Base class. Subclasses set `name`, `stage` and implement `score` (or override `select`)."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    stage: ClassVar[str] = "pre_llm"  # "pre_llm" or "llm"
+    paper: ClassVar[str] = ""
+
+    def __init__(self, keep: float | int = 1.0):
+        validate_keep(keep)
+        self.keep = keep
+
+    # --- what the strategy needs from the model --------------------------------------------------
+    def vision_probes(self, num_layers: int, feature_layer: int) -> dict[str, list[int]]:
+        """Vision probes this strategy reads: {"cls": layers, "received": layers} (0-based encoder layers).
+
+        `feature_layer` is the 0-based encoder layer whose output the LLM receives (LLaVA-1.5: 22 of 24)."""
+        return {}
+
+    llm_layer: int | None = None  # in-LLM strategies: decoder layer before which tokens are dropped
+    text_queries: str = "last"  # in-LLM: "last" prompt token or mean over all "text" tokens
+
+    def describe(self) -> str:
+        return self.name
+
+    # --- selection ------------------------------------------------------------------------------
+    def budget(self, n_tokens: int) -> int:
+        return tokens_to_keep(self.keep, n_tokens)
+
+    def score(self, visual: VisualTokens) -> torch.Tensor:
+        """(I, N) importance of each visual token; the top `budget` are kept."""
+        raise NotImplementedError
+
+    def select(self, visual: VisualTokens) -> torch.Tensor:
+        """(I, k) sorted indices of the kept tokens of each image (original raster order)."""
+        if visual.budget >= visual.num_tokens:
+            return torch.arange(visual.num_tokens, device=visual.features.device).expand(visual.num_images, -1)
+        return top_k_sorted(self.score(visual), visual.budget)
+
+
+def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores per row, returned in increasing (original) order.
+
+    Ties break towards the lower index, so the result does not depend on the sort implementation."""
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(order, dim=-1).values
+
+
+class NoneStrategy(Strategy):
+    """Keeps every token: the patched model computes exactly what the unpatched one does."""
+
+    name = "none"
+    aliases = ("identity",)
+
+    def select(self, visual: VisualTokens) -> torch.Tensor:
+        return torch.arange(visual.num_tokens, device=visual.features.device).expand(visual.num_images, -1)
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Register a Strategy subclass under its `name` and `aliases` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)) or not cls.name:
+        raise TypeError("register_strategy takes a Strategy subclass with a non-empty `name`")
+    for key in (cls.name, *cls.aliases):
+        existing = _REGISTRY.get(_normal(key))
+        if existing is not None and existing is not cls:
+            raise ValueError(f"strategy name {key!r} is already registered by {existing.__name__}")
+        _REGISTRY[_normal(key)] = cls
+    return cls
+
+
+def list_strategies() -> list[str]:
+    """Canonical names of the registered strategies."""
+    return sorted({cls.name for cls in _REGISTRY.values()})
+
+
+def get_strategy_class(name: str) -> type[Strategy]:
+    cls = _REGISTRY.get(_normal(name)) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(list_strategies())}")
+    return cls
+
+
+def build_strategy(strategy: str | Strategy | None, keep: float | int, options: dict) -> Strategy:
+    if isinstance(strategy, Strategy):
+        if options:
+            raise TypeError("pass options to the Strategy constructor, not to patch(), when giving an instance")
+        return strategy
+    cls = get_strategy_class("none" if strategy is None else strategy)
+    try:
+        return cls(keep=keep, **options)
+    except TypeError as err:
+        import inspect
+
+        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "keep")]
+        raise TypeError(f"{err}; options of strategy {cls.name!r}: {', '.join(params) or 'none'}") from None
+
+
+register_strategy(NoneStrategy)
