@@ -50,9 +50,7 @@ def upper_layers(lm, start: int):
 
 
 def hook_count(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules()
-    )
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
 def instance_attributes(model: torch.nn.Module) -> dict[str, set[str]]:
@@ -65,7 +63,11 @@ def greedy_recompute(model, inputs, steps: int) -> torch.Tensor:
     for _ in range(steps):
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         out = model(
-            input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], position_ids=positions, use_cache=False
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=inputs["pixel_values"],
+            position_ids=positions,
+            use_cache=False,
         )
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)

@@ -45,8 +45,16 @@ def test_bad_input_fails_early_and_leaves_model_unpatched(llava, kwargs, error, 
 
 
 def test_unsupported_model_lists_supported_ones():
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(TypeError, match="no adapter for LlamaForCausalLM; supported model classes: .*LlavaForCond"):
         vtc.patch(model, "fastv")
     assert "forward" not in vars(model.model)

@@ -23,7 +23,6 @@ def ids(params):
     return [name + "".join(f"-{v}" for v in options.values()) for name, options in params]
 
 
-
 @pytest.mark.parametrize("backbone", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("strategy,options", ALL, ids=ids(ALL))

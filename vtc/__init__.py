@@ -1,10 +1,10 @@
 """vtc: visual-token compression for HuggingFace vision-language models.
 
-    import vtc
-    handle = vtc.patch(model, strategy="fastv", keep=0.5)
-    model.generate(**inputs)
-    print(handle.report())
-    handle.unpatch()
+import vtc
+handle = vtc.patch(model, strategy="fastv", keep=0.5)
+model.generate(**inputs)
+print(handle.report())
+handle.unpatch()
 """
 
 from .adapters import supported_models

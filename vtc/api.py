@@ -146,7 +146,10 @@ class PatchHandle:
 
     def _record_text_only(self, batch: int) -> None:
         self._last = {
-            "kept": {"final": [torch.empty(0, dtype=torch.long)] * batch, "pre_llm": [torch.empty(0, dtype=torch.long)] * batch},
+            "kept": {
+                "final": [torch.empty(0, dtype=torch.long)] * batch,
+                "pre_llm": [torch.empty(0, dtype=torch.long)] * batch,
+            },
             "samples": [],
             "notes": ["text-only input: nothing to prune, the model ran unpatched"],
             "selections": {},

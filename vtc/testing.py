@@ -37,14 +37,15 @@ _CORPUS = [
 TEXT_BACKBONES = ("llama", "qwen2", "mistral")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_tokenizer_json() -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     alphabet = [chr(c) for c in range(32, 127)]
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
     return tok.to_str()
@@ -82,7 +83,7 @@ def tiny_llava_config(
     vocab_size: int | None = None,
 ):
     """Config of a tiny `LlavaForConditionalGeneration` (CLIP ViT with [CLS] + a Llama/Qwen2/Mistral decoder)."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, MistralConfig, Qwen2Config
 
     tok = tiny_tokenizer()
     vocab = vocab_size or len(tok)

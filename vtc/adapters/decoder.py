@@ -159,14 +159,20 @@ class PrunedDecoder:
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=lm.config)
         want_hidden = bool(kwargs.get("output_hidden_states") or lm.config.output_hidden_states)
-        return self._prefill(inputs_embeds, visual, attention_mask, position_ids, past_key_values, use_cache, want_hidden)
+        return self._prefill(
+            inputs_embeds, visual, attention_mask, position_ids, past_key_values, use_cache, want_hidden
+        )
 
     # ------------------------------------------------------------------------------------------------
     def _prefill(self, embeds, visual, attention_mask, position_ids, cache, use_cache, want_hidden):
         handle, strategy = self.handle, self.handle.strategy
         b, length, _ = embeds.shape
         device = embeds.device
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, length, dtype=torch.bool, device=device)
+        valid = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(b, length, dtype=torch.bool, device=device)
+        )
         if position_ids is None:
             position_ids = torch.arange(length, device=device).expand(b, -1)
         vis_index = torch.full((b, length), -1, dtype=torch.long, device=device)

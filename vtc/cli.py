@@ -1,0 +1,136 @@
+"""`vtc demo | bench | list`."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_STRATEGIES = ("vtc_cls", "fopru", "fastv")
+
+
+def _load_default_model(random_model: bool):
+    """The embedded default: the tiny VLM trained here when its weights ship, else a random tiny LLaVA."""
+    from . import testing
+
+    if not random_model and hasattr(testing, "load_tiny_vlm"):
+        try:
+            model, processor = testing.load_tiny_vlm()
+            return model, processor, "tiny VLM trained on synthetic scenes (assets/tiny_vlm)"
+        except FileNotFoundError:
+            pass
+    return testing.tiny_llava(), testing.tiny_llava_processor(), "random-weight tiny LLaVA (vtc.testing.tiny_llava)"
+
+
+def _prefill_ms(model, inputs, repeats: int = 3) -> float:
+    import torch
+
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(**inputs, logits_to_keep=1)
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _answer(model, processor, inputs) -> str:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+
+
+def demo(args) -> int:
+    import torch
+    from PIL import Image
+
+    import vtc
+    from vtc.testing import llava_inputs
+    from vtc.viz import overlay_kept, side_by_side
+
+    torch.manual_seed(0)
+    model, processor, model_name = _load_default_model(args.random_model)
+    image_path = Path(args.image) if args.image else ASSETS / "demo.png"
+    image = Image.open(image_path).convert("RGB")
+    inputs = llava_inputs(processor, [args.question], [[image]])
+    size = model.config.vision_config.image_size
+    print(f"model: {model_name}\nimage: {image_path}\nquestion: {args.question}\n")
+
+    base_ms = _prefill_ms(model, inputs)
+    rows = [("unpatched", None, base_ms, 1.0, _answer(model, processor, inputs))]
+    panels = [overlay_kept(image, [], (1, 1), size=size, dim=0.0, title="input (as the model sees it)")]
+    for name in args.strategy:
+        with vtc.patched(model, name, keep=args.keep) as handle:
+            ms = _prefill_ms(model, inputs)
+            answer = _answer(model, processor, inputs)
+            with torch.no_grad():
+                model(**inputs)
+            sample = handle.report().samples[0]
+            grid = handle.adapter.grid()
+            kept = handle.last_kept()[0]
+            panels.append(
+                overlay_kept(image, kept, grid, size=size, title=f"{name}: {len(kept)}/{sample.visual_in} kept")
+            )
+            rows.append((name, sample, ms, sample.flops_ratio, answer))
+
+    header = f"{'strategy':<10} {'visual tokens':>13} {'prefill ms':>10} {'vs unpatched':>12} {'LLM FLOPs':>9}  answer"
+    print(header + "\n" + "-" * len(header))
+    for name, sample, ms, flops, answer in rows:
+        tokens = "all" if sample is None else f"{sample.visual_per_layer[-1]}/{sample.visual_in}"
+        print(f"{name:<10} {tokens:>13} {ms:>10.1f} {ms / base_ms:>11.2f}x {flops:>8.0%}  {answer!r}")
+    print("\nvisual tokens = tokens left at the last decoder layer; FLOPs = estimated LLM prefill FLOPs")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    side_by_side(panels).save(out)
+    print(f"overlay of the kept tokens: {out}")
+    return 0
+
+
+def list_cmd(args) -> int:
+    import vtc
+    from vtc.strategies.base import get_strategy_class
+
+    print("strategies:")
+    for name in vtc.list_strategies():
+        cls = get_strategy_class(name)
+        print(f"  {name:<10} stage={cls.stage:<8} default keep={getattr(cls, 'default_keep', 1.0):<7} {cls.paper}")
+    print("models:\n  " + "\n  ".join(vtc.supported_models()))
+    return 0
+
+
+def bench(args) -> int:
+    sys.path.insert(0, str(ASSETS.parent))
+    from eval.bench_overhead import main as bench_main
+
+    bench_main(args.rest)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vtc", description="visual-token compression for HF VLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="unpatched vs patched on the embedded tiny model, with a token overlay")
+    p.add_argument("--strategy", nargs="+", default=list(DEFAULT_STRATEGIES))
+    p.add_argument("--keep", type=float, default=0.25)
+    p.add_argument("--image", default=None, help="an image file (default: assets/demo.png)")
+    p.add_argument("--question", default="What colour is the circle?")
+    p.add_argument("--out", default="out/demo.png")
+    p.add_argument("--random-model", action="store_true", help="use the random-weight tiny LLaVA")
+    p.set_defaults(func=demo)
+    p = sub.add_parser("list", help="strategies and supported model classes")
+    p.set_defaults(func=list_cmd)
+    p = sub.add_parser("bench", help="overhead benchmark (eval/bench_overhead.py; pass its flags after --)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
