@@ -90,6 +90,7 @@ class PatchHandle:
         self.adapter = adapter
         self.strategy = strategy
         self.reuse_selection = False
+        self.kv_policy = None
         self._last: dict | None = None
 
     # --- public ---------------------------------------------------------------------------------
@@ -136,13 +137,15 @@ class PatchHandle:
             raise RuntimeError("no forward has run on the patched model yet")
         return self._last
 
-    def _frozen_selection(self, stage: str, image_ids: list[int], n_tokens: int) -> torch.Tensor | None:
+    def _frozen_selection(self, stage, image_ids: list[int], token_ids: torch.Tensor) -> torch.Tensor | None:
+        """With `reuse_selection`, the last forward's choice at this stage, as indices into token_ids."""
         if not self.reuse_selection or self._last is None:
             return None
         previous = self._last["selections"].get(stage)
-        if previous is None or max(image_ids) >= len(previous):
+        if previous is None or any(i not in previous for i in image_ids):
             return None
-        return torch.stack([previous[i] for i in image_ids]).to(self.device)
+        chosen = torch.stack([previous[i].to(token_ids.device) for i in image_ids])
+        return torch.searchsorted(token_ids, chosen)
 
     def _record_text_only(self, batch: int) -> None:
         self._last = {

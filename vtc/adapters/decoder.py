@@ -2,8 +2,8 @@
 
 `PrunedDecoder.forward` replaces the *instance's* language-model forward (never the class's). At prefill
 it compacts the sequence to the tokens a pre-LLM strategy keeps, runs the decoder layers itself, and at an
-in-LLM strategy's layer drops visual tokens from the hidden states; deeper layers then see (and cache) the
-shorter sequence. At decode it builds each layer's mask from the positions that layer holds in its cache.
+in-LLM strategy's layers drops visual tokens from the hidden states; deeper layers then see (and cache)
+the shorter sequence. At decode it builds each layer's mask from the keys that layer holds in its cache.
 
 Kept tokens keep their original position ids. Every step passes an explicit attention mask: position ids
 with gaps and no mask would otherwise be read by transformers as packed sequences (DESIGN.md, section 7).
@@ -24,28 +24,59 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass
-class Segment:
-    """The physical sequence that the decoder layers from `start_layer` on see (and cache) at prefill."""
+class Sequence:
+    """The physical token sequence at some point of the prefill (rows left-padded)."""
 
-    start_layer: int
+    hidden: torch.Tensor  # (B, L, D)
+    positions: torch.Tensor  # (B, L) original position ids, or (3, B, L) for M-RoPE
     valid: torch.Tensor  # (B, L) bool, False for padding
-    positions: torch.Tensor  # (B, L) original position ids
     vis_index: torch.Tensor  # (B, L) index into the flat list of visual tokens, -1 for text
+
+    def compact(self, keep: torch.Tensor) -> Sequence:
+        index, used = compact_index(keep)
+        return Sequence(
+            _gather_tokens(self.hidden, index),
+            _gather_tokens(self.positions, index),
+            self.valid.gather(1, index) & used,
+            self.vis_index.gather(1, index),
+        )
 
 
 @dataclass
-class PrefillState:
+class Segment:
+    """What the decoder layers from `start_layer` on saw (and cached) at prefill."""
+
+    start_layer: int
+    valid: torch.Tensor
+    positions: torch.Tensor
+    vis_index: torch.Tensor
+
+
+@dataclass
+class CacheState:
+    """What decoding needs to know about a prefill: per layer, which cached keys are valid.
+
+    layer_valid[l] is (B, K_l) or, after a per-head KV eviction, (B, kv_heads, K_l). KV policies evict with
+    `keep_entries`, which rewrites the cache and the validity together."""
+
     cache: object
     logical_len: int
     segments: list[Segment]
+    layer_valid: list[torch.Tensor]
     decoded: int = 0
+    extras: dict = field(default_factory=dict)
 
-    def segment_for(self, layer: int) -> Segment:
-        seg = self.segments[0]
-        for s in self.segments:
-            if s.start_layer <= layer:
-                seg = s
-        return seg
+    def keep_entries(self, layer: int, index: torch.Tensor) -> None:
+        """Keep only the cache entries `index` of `layer`: (B, K') for all heads or (B, kv_heads, K')."""
+        cache_layer = self.cache.layers[layer]
+        keys, values = cache_layer.keys, cache_layer.values  # (B, H, K, d)
+        per_head = index if index.dim() == 3 else index[:, None].expand(-1, keys.shape[1], -1)
+        gather = per_head[..., None].expand(-1, -1, -1, keys.shape[-1])
+        cache_layer.keys, cache_layer.values = keys.gather(2, gather), values.gather(2, gather)
+        valid = self.layer_valid[layer]
+        if index.dim() == 3 and valid.dim() == 2:
+            valid = valid[:, None].expand(-1, keys.shape[1], -1)
+        self.layer_valid[layer] = valid.gather(-1, index if valid.dim() == index.dim() else per_head)
 
 
 @dataclass
@@ -57,17 +88,13 @@ class VisualLayout:
     sample_of_image: list[int]
     extras: dict = field(default_factory=dict)
 
-    def groups(self):
-        """Images sharing one (count, grid), with their flat token indices: [(image_ids, token_index (I, N), grid)]."""
-        starts = [0]
-        for c in self.counts[:-1]:
-            starts.append(starts[-1] + c)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, (c, g) in enumerate(zip(self.counts, self.grids)):
-            by_shape.setdefault((c, g), []).append(i)
-        for (c, g), ids in by_shape.items():
-            index = torch.tensor([[starts[i] + j for j in range(c)] for i in ids], dtype=torch.long)
-            yield ids, index, g
+    @property
+    def starts(self) -> list[int]:
+        out, total = [], 0
+        for c in self.counts:
+            out.append(total)
+            total += c
+        return out
 
 
 def compact_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,27 +107,35 @@ def compact_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather along the token dimension (the last one for ids, the one before features for hidden states)."""
+    """Gather along the token dimension: (B, L) ids, (B, L, D) hidden states, or (..., B, L) M-RoPE ids."""
+    if x.dim() == 3 and x.shape[:2] == index.shape[:1] + (x.shape[1],) and x.dtype.is_floating_point:
+        return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
     if x.dim() == index.dim():
         return x.gather(-1, index)
-    if x.dim() == index.dim() + 1 and x.shape[:-1] == index.shape[:-1] + (x.shape[-2],):
-        return x.gather(-2, index[..., None].expand(*index.shape, x.shape[-1]))
-    # leading non-batch dims, e.g. M-RoPE position ids (3, B, L)
     return x.gather(-1, index.expand(*x.shape[:-2], *index.shape))
 
 
 def attention_mask_4d(
-    key_valid: torch.Tensor, q_len: int, past_len: int, implementation: str, dtype: torch.dtype
+    key_valid: torch.Tensor,
+    q_len: int,
+    past_len: int,
+    implementation: str,
+    dtype: torch.dtype,
+    heads_per_kv: int = 1,
 ) -> torch.Tensor:
-    """(B, 1, Q, K) mask: query i (at physical index past_len + i) sees valid keys at index <= its own.
+    """(B, 1 or H, Q, K) mask: query i (at physical index past_len + i) sees valid keys at index <= its own.
 
-    Every query also sees itself, so padding rows never have an empty softmax (which would give NaN)."""
-    k_len = key_valid.shape[1]
+    key_valid is (B, K), or (B, kv_heads, K) after per-head eviction (expanded to the query heads). Every
+    query also sees itself, so padding rows never have an empty softmax (which would give NaN)."""
+    k_len = key_valid.shape[-1]
     key_pos = torch.arange(k_len, device=key_valid.device)
     query_pos = past_len + torch.arange(q_len, device=key_valid.device)
     causal = key_pos[None, :] <= query_pos[:, None]
-    allowed = (key_valid[:, None, :] & causal[None]) | (key_pos[None, :] == query_pos[:, None])[None]
-    allowed = allowed[:, None]
+    diagonal = key_pos[None, :] == query_pos[:, None]
+    per_head = key_valid if key_valid.dim() == 3 else key_valid[:, None]
+    allowed = (per_head[:, :, None, :] & causal) | diagonal
+    if key_valid.dim() == 3 and heads_per_kv > 1:
+        allowed = allowed.repeat_interleave(heads_per_kv, dim=1)
     if implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
@@ -115,11 +150,18 @@ class PrunedDecoder:
         self.handle = handle
         self.lm = lm
         self.original_forward = original_forward
-        self.state: PrefillState | None = None
+        self.state: CacheState | None = None
 
     @property
     def layers(self):
         return self.lm.layers[: self.lm.config.num_hidden_layers]
+
+    @property
+    def heads_per_kv(self) -> int:
+        config = self.lm.config
+        return config.num_attention_heads // (
+            getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        )
 
     def forward(
         self,
@@ -146,10 +188,11 @@ class PrunedDecoder:
         )
         if past_len > 0:
             if self.state is not None and past_key_values is self.state.cache:
-                return self._decode(inputs_embeds, attention_mask, position_ids, past_key_values)
+                return self._decode(inputs_embeds, attention_mask, position_ids)
             return self.original_forward(**plain)  # a cache we did not fill: leave it alone
         self.state = None
-        if visual is None or not bool(visual.any()):
+        has_visual = visual is not None and bool(visual.any())
+        if not has_visual and handle.kv_policy is None:
             handle._record_text_only(inputs_embeds.shape[0])
             return self.original_forward(**plain)
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -158,6 +201,8 @@ class PrunedDecoder:
             use_cache = lm.config.use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=lm.config)
+        if visual is None:
+            visual = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
         want_hidden = bool(kwargs.get("output_hidden_states") or lm.config.output_hidden_states)
         return self._prefill(
             inputs_embeds, visual, attention_mask, position_ids, past_key_values, use_cache, want_hidden
@@ -165,7 +210,7 @@ class PrunedDecoder:
 
     # ------------------------------------------------------------------------------------------------
     def _prefill(self, embeds, visual, attention_mask, position_ids, cache, use_cache, want_hidden):
-        handle, strategy = self.handle, self.handle.strategy
+        handle, strategy, kv = self.handle, self.handle.strategy, self.handle.kv_policy
         b, length, _ = embeds.shape
         device = embeds.device
         valid = (
@@ -178,139 +223,208 @@ class PrunedDecoder:
         vis_index = torch.full((b, length), -1, dtype=torch.long, device=device)
         n_visual = int(visual.sum())
         vis_index[visual] = torch.arange(n_visual, device=device)
-        layout = handle.adapter.visual_layout(visual, n_visual)
-        selections: dict[str, torch.Tensor] = {}
+        layout = handle.adapter.visual_layout(visual, n_visual) if n_visual else VisualLayout([], [], [])
+        selections: dict = {}
+        seq = Sequence(embeds, position_ids, valid, vis_index)
 
-        hidden, positions = embeds, position_ids
-        if strategy.stage == "pre_llm":
-            flat = embeds[visual]
-            keep_flat = self._select(layout, flat, "pre_llm", selections, handle.adapter.vision_probes(layout))
-            keep = (vis_index < 0) | keep_flat[vis_index.clamp(min=0)]
-            index, used = compact_index(keep)
-            hidden = _gather_tokens(embeds, index)
-            positions = _gather_tokens(position_ids, index)
-            valid, vis_index = valid.gather(1, index) & used, vis_index.gather(1, index)
-
-        segments = [Segment(0, valid, positions, vis_index)]
-        position_embeddings = self.lm.rotary_emb(hidden, positions)
+        if n_visual and strategy.has_pre_llm:
+            seq = self._prune(seq, "pre_llm", layout, selections, vision=handle.adapter.vision_probes(layout))
+        prune_layers = set(strategy.prune_layers(len(self.layers))) if n_visual else set()
+        segments = [Segment(0, seq.valid, seq.positions, seq.vis_index)]
         implementation = self.lm.config._attn_implementation
-        mask = attention_mask_4d(valid, hidden.shape[1], 0, implementation, hidden.dtype)
-        prune_at = strategy.llm_layer if strategy.stage == "llm" else None
-        text_attention = None
+        position_embeddings = self.lm.rotary_emb(seq.hidden, seq.positions)
+        mask = attention_mask_4d(seq.valid, seq.hidden.shape[1], 0, implementation, seq.hidden.dtype)
+        llm_probe = None
         all_hidden = []
         for i, layer in enumerate(self.layers):
-            if i == prune_at:
-                keep_flat = self._select(layout, None, "llm", selections, text_attention=text_attention)
-                keep = (vis_index < 0) | keep_flat[vis_index.clamp(min=0)]
-                index, used = compact_index(keep)
-                hidden, positions = _gather_tokens(hidden, index), _gather_tokens(positions, index)
-                valid, vis_index = valid.gather(1, index) & used, vis_index.gather(1, index)
-                segments.append(Segment(i, valid, positions, vis_index))
-                position_embeddings = self.lm.rotary_emb(hidden, positions)
-                mask = attention_mask_4d(valid, hidden.shape[1], 0, implementation, hidden.dtype)
-            if prune_at is not None and i == prune_at - 1:
-                text_attention = self._text_attention(layer, hidden, position_embeddings, valid, vis_index, n_visual)
+            if i in prune_layers:
+                seq = self._prune(seq, i, layout, selections, llm_probe=llm_probe)
+                segments.append(Segment(i, seq.valid, seq.positions, seq.vis_index))
+                position_embeddings = self.lm.rotary_emb(seq.hidden, seq.positions)
+                mask = attention_mask_4d(seq.valid, seq.hidden.shape[1], 0, implementation, seq.hidden.dtype)
+            if i + 1 in prune_layers:
+                llm_probe = self._llm_probe(layer, seq, position_embeddings, n_visual)
+            if kv is not None:
+                kv.observe_prefill(i, layer, seq.hidden, position_embeddings, seq.valid)
             if want_hidden:
-                all_hidden.append(hidden)
-            hidden = layer(
-                hidden,
+                all_hidden.append(seq.hidden)
+            seq.hidden = layer(
+                seq.hidden,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                position_ids=positions,
+                position_ids=seq.positions,
                 past_key_values=cache if use_cache else None,
                 use_cache=use_cache,
             )
-        hidden = self.lm.norm(hidden)
+        hidden = self.lm.norm(seq.hidden)
         if want_hidden:
             all_hidden.append(hidden)
         if use_cache:
-            self.state = PrefillState(cache, length, segments)
-        handle._record_prefill(layout, segments, len(self.layers), selections)
+            layer_valid = [
+                next(s for s in reversed(segments) if s.start_layer <= i).valid for i in range(len(self.layers))
+            ]
+            self.state = CacheState(cache, length, segments, layer_valid)
+            if kv is not None:
+                kv.after_prefill(self.state)
+        if n_visual:
+            handle._record_prefill(layout, segments, len(self.layers), selections)
+        else:
+            handle._record_text_only(b)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
             past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if want_hidden else None,
         )
 
-    def _select(self, layout, flat_features, stage, selections, probes=None, text_attention=None):
-        """Ask the strategy for each group of same-shape images; returns keep (n_visual,) bool."""
+    def _prune(self, seq: Sequence, stage, layout: VisualLayout, selections: dict, vision=None, llm_probe=None):
+        """Ask the strategy, image group by image group, which visual tokens stay; compact the sequence."""
         handle, strategy = self.handle, self.handle.strategy
+        device = seq.hidden.device
+        b, length = seq.valid.shape
         n_visual = sum(layout.counts)
-        device = handle.device
-        keep = torch.zeros(n_visual, dtype=torch.bool, device=device)
+        where = torch.full((n_visual,), -1, dtype=torch.long, device=device)  # flat token -> row of hidden
+        present = seq.vis_index >= 0
+        where[seq.vis_index[present]] = torch.arange(b * length, device=device).view(b, length)[present]
+        alive = where >= 0
+        hidden_flat = seq.hidden.reshape(b * length, -1)
+        merged_rows, merged_values = [], []
+        keep_flat = torch.zeros(n_visual, dtype=torch.bool, device=device)
         chosen = {}
-        for image_ids, token_index, grid in layout.groups():
-            token_index = token_index.to(device)
-            ids = torch.tensor(image_ids, device=device)
-            frozen = handle._frozen_selection(stage, image_ids, token_index.shape[1])
-            if frozen is not None:
-                sel = frozen
-            else:
-                visual = VisualTokens(
-                    features=flat_features[token_index] if flat_features is not None else token_index,
-                    grid=grid,
-                    budget=strategy.budget(token_index.shape[1]),
-                    cls_attention={k: v[ids] for k, v in (probes or {}).get("cls", {}).items()},
-                    received_attention={k: v[ids] for k, v in (probes or {}).get("received", {}).items()},
-                    text_attention=text_attention[:, token_index].permute(1, 0, 2)
-                    if text_attention is not None
-                    else None,
-                    image_index=ids,
-                )
-                sel = strategy.select(visual).to(device)
-            keep[token_index.gather(1, sel).reshape(-1)] = True
-            for row, image in enumerate(image_ids):
-                chosen[image] = sel[row]
-        selections[stage] = [chosen[i] for i in range(len(layout.counts))]
-        return keep
 
-    def _text_attention(self, layer, hidden, position_embeddings, valid, vis_index, n_visual):
-        """(Q, n_visual): attention from the strategy's text queries to every flat visual token."""
-        b, length = valid.shape
-        device = hidden.device
-        if self.handle.strategy.text_queries == "last":
+        groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        for image, (start, count) in enumerate(zip(layout.starts, layout.counts)):
+            tokens = torch.arange(start, start + count, device=device)
+            tokens = tokens[alive[tokens]]
+            groups.setdefault((len(tokens), layout.grids[image]), []).append((image, tokens))
+        for (n_alive, grid), members in groups.items():
+            image_ids = [m[0] for m in members]
+            token_index = torch.stack([m[1] for m in members])  # (I, n) flat indices, ascending
+            starts = torch.tensor([layout.starts[i] for i in image_ids], device=device)
+            token_ids = token_index - starts[:, None]  # local index in each image's grid
+            ids = torch.tensor(image_ids, device=device)
+            sel = handle._frozen_selection(stage, image_ids, token_ids)
+            merged = None
+            if sel is None:
+                visual = VisualTokens(
+                    features=hidden_flat[where[token_index]],
+                    grid=grid,
+                    budget=strategy.stage_budget(layout.counts[image_ids[0]], n_alive, stage),
+                    cls_attention=_probe_rows((vision or {}).get("cls", {}), ids, token_ids),
+                    received_attention=_probe_rows((vision or {}).get("received", {}), ids, token_ids),
+                    text_attention=llm_probe["text_attention"][token_index][:, None] if llm_probe else None,
+                    image_index=ids,
+                    token_ids=token_ids,
+                    stage=stage,
+                    context=dict(
+                        sequence=seq,
+                        rows=where[token_index],
+                        sample=torch.tensor([layout.sample_of_image[i] for i in image_ids], device=device),
+                        probe=llm_probe,
+                        layout=layout,
+                        lm=self.lm,
+                    ),
+                )
+                sel, merged = _as_selection(strategy.select(visual))
+            sel = sel.to(device)
+            kept_tokens = token_index.gather(1, sel)
+            keep_flat[kept_tokens.reshape(-1)] = True
+            if merged is not None:
+                merged_rows.append(where[kept_tokens].reshape(-1))
+                merged_values.append(merged.reshape(-1, merged.shape[-1]))
+            for row, image in enumerate(image_ids):
+                chosen[image] = token_ids[row].gather(0, sel[row])
+        selections[stage] = chosen
+        if merged_rows:
+            hidden_flat = hidden_flat.index_copy(
+                0, torch.cat(merged_rows), torch.cat(merged_values).to(hidden_flat.dtype)
+            )
+            seq = Sequence(hidden_flat.view(b, length, -1), seq.positions, seq.valid, seq.vis_index)
+        keep = (seq.vis_index < 0) | keep_flat[seq.vis_index.clamp(min=0)]
+        return seq.compact(keep)
+
+    def _llm_probe(self, layer, seq: Sequence, position_embeddings, n_visual: int) -> dict:
+        """At the layer before a pruning point: the strategy's text queries' attention to each visual token
+        (flat, (n_visual,)), from q and k of that layer; plus the layer input and its keys if asked."""
+        strategy = self.handle.strategy
+        b, length = seq.valid.shape
+        device = seq.hidden.device
+        if strategy.text_queries == "last":
             query_index = torch.full((b, 1), length - 1, dtype=torch.long, device=device)
             query_weight = torch.ones(b, 1, device=device)
         else:  # every valid text token, averaged
-            is_text = (vis_index < 0) & valid
+            is_text = (seq.vis_index < 0) & seq.valid
             query_index = torch.arange(length, device=device).expand(b, -1)
             query_weight = is_text.float() / is_text.sum(1, keepdim=True).clamp(min=1)
-        rows = decoder_attention_rows(layer, hidden, position_embeddings, query_index, valid)  # (B, Q, L)
+        rows = decoder_attention_rows(layer, seq.hidden, position_embeddings, query_index, seq.valid)
         per_key = (rows * query_weight[..., None]).sum(1)  # (B, L)
         flat = torch.zeros(n_visual, device=device)
-        where = vis_index >= 0
-        flat[vis_index[where]] = per_key[where]
-        return flat[None]  # (1, n_visual): one query row per token (its own sample's)
+        present = seq.vis_index >= 0
+        flat[seq.vis_index[present]] = per_key[present]
+        probe = {"text_attention": flat, "per_key": per_key, "vis_index": seq.vis_index, "valid": seq.valid}
+        if getattr(strategy, "needs_keys", False):
+            attn = layer.self_attn
+            probe["keys"] = attn.k_proj(layer.input_layernorm(seq.hidden))  # (B, L, kv_heads * head_dim)
+            probe["hidden_in"] = seq.hidden
+        return probe
 
     # ------------------------------------------------------------------------------------------------
-    def _decode(self, embeds, attention_mask, position_ids, cache):
-        state = self.state
+    def _decode(self, embeds, attention_mask, position_ids):
+        state, kv = self.state, self.handle.kv_policy
         b, q, _ = embeds.shape
         device = embeds.device
         if position_ids is None:
             position_ids = (state.logical_len + state.decoded + torch.arange(q, device=device)).expand(b, -1)
         expected = state.logical_len + state.decoded + q
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == expected:
-            generated_valid = attention_mask[:, state.logical_len :].bool()
+            new_valid = attention_mask[:, expected - q :].bool()
         else:
-            generated_valid = torch.ones(b, state.decoded + q, dtype=torch.bool, device=device)
+            new_valid = torch.ones(b, q, dtype=torch.bool, device=device)
         implementation = self.lm.config._attn_implementation
         position_embeddings = self.lm.rotary_emb(embeds, position_ids)
-        masks = {}
+        masks: dict[int, torch.Tensor] = {}
+        grown: dict[int, torch.Tensor] = {}
         hidden = embeds
         for i, layer in enumerate(self.layers):
-            seg = state.segment_for(i)
-            if seg.start_layer not in masks:
-                key_valid = torch.cat([seg.valid, generated_valid], dim=1)
-                past = seg.valid.shape[1] + state.decoded
-                masks[seg.start_layer] = attention_mask_4d(key_valid, q, past, implementation, hidden.dtype)
+            valid = state.layer_valid[i]
+            key = id(valid)
+            if key not in masks:
+                extra = new_valid if valid.dim() == 2 else new_valid[:, None].expand(-1, valid.shape[1], -1)
+                grown[key] = torch.cat([valid, extra], dim=-1)
+                masks[key] = attention_mask_4d(
+                    grown[key], q, valid.shape[-1], implementation, hidden.dtype, self.heads_per_kv
+                )
+            if kv is not None:
+                kv.observe_decode(i, layer, hidden, position_embeddings, state)
             hidden = layer(
                 hidden,
-                attention_mask=masks[seg.start_layer],
+                attention_mask=masks[key],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=cache,
+                past_key_values=state.cache,
                 use_cache=True,
             )
+        state.layer_valid = [grown[id(v)] for v in state.layer_valid]
         state.decoded += q
-        return BaseModelOutputWithPast(last_hidden_state=self.lm.norm(hidden), past_key_values=cache)
+        if kv is not None:
+            kv.after_decode(state)
+        return BaseModelOutputWithPast(last_hidden_state=self.lm.norm(hidden), past_key_values=state.cache)
+
+
+def _probe_rows(by_layer: dict, image_ids: torch.Tensor, token_ids: torch.Tensor) -> dict:
+    """Vision probes (images, heads, N) restricted to some images and, per image, to its alive tokens."""
+    out = {}
+    for layer, value in by_layer.items():
+        rows = value[image_ids]
+        out[layer] = rows.gather(-1, token_ids[:, None].expand(-1, rows.shape[1], -1))
+    return out
+
+
+def _as_selection(result) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A strategy returns sorted indices (I, k), or (indices, merged features (I, k, D))."""
+    index, merged = result if isinstance(result, tuple) else (result, None)
+    order = torch.argsort(index, dim=-1)
+    if not torch.equal(order, torch.arange(index.shape[-1], device=index.device).expand_as(order)):
+        index = index.gather(-1, order)
+        if merged is not None:
+            merged = merged.gather(1, order[..., None].expand(-1, -1, merged.shape[-1]))
+    return index, merged

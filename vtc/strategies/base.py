@@ -35,6 +35,10 @@ class VisualTokens:
     text_attention: (I, Q, N) attention of the chosen text queries to each visual token, averaged over
         heads (in-LLM strategies only), softmax over the whole causal row.
     image_index: (I,) global index of each image in the batch (order of appearance).
+    token_ids: (I, N) each token's index in its image's raster grid (in-LLM stages see survivors only).
+    stage: "pre_llm", or the decoder layer index before which the selection applies.
+    context: what the adapter has besides (the current sequence, the LLM probe of the layer before,
+        each image's sample), for strategies that need more than the above (e.g. DART's text pivots).
     """
 
     features: torch.Tensor
@@ -44,6 +48,9 @@ class VisualTokens:
     received_attention: dict[int, torch.Tensor] = field(default_factory=dict)
     text_attention: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    stage: str | int = "pre_llm"
+    context: dict = field(default_factory=dict)
 
     @property
     def num_images(self) -> int:
@@ -79,16 +86,32 @@ class Strategy:
     def describe(self) -> str:
         return self.name
 
+    needs_keys: bool = False  # in-LLM: the probe also returns the layer's keys and input hidden states
+
+    @property
+    def has_pre_llm(self) -> bool:
+        return self.stage == "pre_llm"
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers before which this strategy drops visual tokens."""
+        return [self.llm_layer] if self.stage == "llm" else []
+
     # --- selection ------------------------------------------------------------------------------
     def budget(self, n_tokens: int) -> int:
         return tokens_to_keep(self.keep, n_tokens)
+
+    def stage_budget(self, n_original: int, n_alive: int, stage: str | int) -> int:
+        """Tokens an image keeps at `stage`: a float keep is a fraction of the tokens still alive there
+        (all of them for a strategy used alone), an int keep a count (at most those alive)."""
+        return tokens_to_keep(self.keep, n_alive) if not isinstance(self.keep, int) else min(self.keep, n_alive)
 
     def score(self, visual: VisualTokens) -> torch.Tensor:
         """(I, N) importance of each visual token; the top `budget` are kept."""
         raise NotImplementedError
 
-    def select(self, visual: VisualTokens) -> torch.Tensor:
-        """(I, k) sorted indices of the kept tokens of each image (original raster order)."""
+    def select(self, visual: VisualTokens) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(I, k) sorted indices into each image's current tokens, kept in their order; or a pair
+        (indices, merged features (I, k, D)) for strategies that merge what they drop into what they keep."""
         if visual.budget >= visual.num_tokens:
             return torch.arange(visual.num_tokens, device=visual.features.device).expand(visual.num_images, -1)
         return top_k_sorted(self.score(visual), visual.budget)
@@ -143,7 +166,75 @@ def get_strategy_class(name: str) -> type[Strategy]:
     return cls
 
 
-def build_strategy(strategy: str | Strategy | None, keep: float | int, options: dict) -> Strategy:
+class Composed(Strategy):
+    """A chain of strategies at different stages, e.g. ["visionzip", "fastv"]: a pre-LLM selection, then
+    in-LLM pruning of what is left. Each member keeps its own budget; the report shows every stage."""
+
+    name = "composed"
+
+    def __init__(self, members: list[Strategy]):
+        self.members = members
+        self.keep = members[0].keep
+        pre = [m for m in members if m.has_pre_llm]
+        if len(pre) > 1:
+            raise ValueError("a composition takes at most one pre-LLM strategy: " + ", ".join(m.name for m in pre))
+        self.pre = pre[0] if pre else None
+        self.llm = [m for m in members if m.stage == "llm"]
+        self.text_queries = self.llm[0].text_queries if self.llm else "last"
+        self.needs_keys = any(m.needs_keys for m in self.llm)
+        self.notes = [n for m in members for n in getattr(m, "notes", [])]
+
+    @property
+    def stage(self) -> str:
+        return "pre_llm" if self.pre else "llm"
+
+    @property
+    def has_pre_llm(self) -> bool:
+        return self.pre is not None
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        layers = [layer for m in self.llm for layer in m.prune_layers(num_layers)]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"the in-LLM strategies of this composition prune at the same layer: {layers}")
+        return sorted(layers)
+
+    def vision_probes(self, num_layers: int, feature_layer: int) -> dict[str, list[int]]:
+        merged: dict[str, list[int]] = {}
+        for m in self.members:
+            for kind, layers in m.vision_probes(num_layers, feature_layer).items():
+                merged[kind] = sorted(set(merged.get(kind, [])) | set(layers))
+        return merged
+
+    def member_for(self, stage: str | int) -> Strategy:
+        if stage == "pre_llm":
+            return self.pre
+        return next(m for m in self.llm if stage in m.prune_layers(10**6))
+
+    def stage_budget(self, n_original: int, n_alive: int, stage: str | int) -> int:
+        return self.member_for(stage).stage_budget(n_original, n_alive, stage)
+
+    def select(self, visual: VisualTokens):
+        return self.member_for(visual.stage).select(visual)
+
+    def describe(self) -> str:
+        return " + ".join(m.describe() for m in self.members)
+
+
+def build_strategy(strategy, keep: float | int, options: dict) -> Strategy:
+    """A Strategy from a name, an instance, or a list of them (a composition, first member gets `keep`)."""
+    if isinstance(strategy, (list, tuple)):
+        members = []
+        for i, member in enumerate(strategy):
+            name, member_options = member if isinstance(member, tuple) else (member, {})
+            if i == 0:
+                member_options = {**options, **member_options}
+                members.append(build_strategy(name, member_options.pop("keep", keep), member_options))
+            else:
+                member_keep = member_options.pop("keep", None)
+                if member_keep is None and not isinstance(name, Strategy):
+                    member_keep = getattr(get_strategy_class(name), "default_keep", 1.0)
+                members.append(build_strategy(name, member_keep, member_options))
+        return Composed(members)
     if isinstance(strategy, Strategy):
         if options:
             raise TypeError("pass options to the Strategy constructor, not to patch(), when giving an instance")
