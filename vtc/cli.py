@@ -106,7 +106,7 @@ def list_cmd(args) -> int:
 
 def bench(args) -> int:
     sys.path.insert(0, str(ASSETS.parent))
-    from eval.bench_overhead import main as bench_main
+    from eval.bench import main as bench_main
 
     bench_main(args.rest)
     return 0
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=demo)
     p = sub.add_parser("list", help="strategies and supported model classes")
     p.set_defaults(func=list_cmd)
-    p = sub.add_parser("bench", help="overhead benchmark (eval/bench_overhead.py; pass its flags after --)")
+    p = sub.add_parser("bench", help="efficiency benchmark (eval/bench.py; its flags follow, see --help there)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=bench)
     args = parser.parse_args(argv)
