@@ -1,3 +1,10 @@
+import os
+
+# Triton kernels run under the interpreter on CPU machines. This must be set before anything imports triton
+# (transformers may), so it lives here, at the top of the first module pytest loads. On a GPU machine run
+# the suite with TRITON_INTERPRET=0 to test the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

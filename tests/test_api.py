@@ -19,7 +19,7 @@ def assert_unpatched(model):
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        (dict(strategy="nope"), ValueError, "known strategies: fastv, fopru, none, vtc_cls"),
+        (dict(strategy="nope"), ValueError, "known strategies: dart, downsample, fastv, fopru, none, random,"),
         (dict(strategy="fastv", keep=0), ValueError, "pass a fraction in (0, 1]"),
         (dict(strategy="fastv", keep=0.0), ValueError, "must lie in (0, 1]"),
         (dict(strategy="fastv", keep=1.5), ValueError, "must lie in (0, 1]"),

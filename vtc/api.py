@@ -12,6 +12,7 @@ from . import adapters as _adapters  # noqa: F401  (registers the adapters)
 from . import strategies as _strategies  # noqa: F401  (registers the strategies)
 from .adapters.base import find_adapter
 from .budget import prefill_flops, validate_keep
+from .kv.base import KVPolicy, build_policy
 from .strategies.base import Strategy, build_strategy
 
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -39,16 +40,18 @@ class Report:
 
     `str(report)` is a table; `report.samples` holds the numbers; `report.to_dict()` serialises them."""
 
-    def __init__(self, strategy: str, samples: list[SampleReport], notes: list[str]):
+    def __init__(self, strategy: str, samples: list[SampleReport], notes: list[str], kv=None):
         self.strategy = strategy
         self.samples = samples
         self.notes = notes
+        self.kv = kv  # a vtc.kv.KVReport when a KV policy is installed
 
     def to_dict(self) -> dict:
         return {
             "strategy": self.strategy,
             "notes": list(self.notes),
             "samples": [dict(vars(s), flops_ratio=s.flops_ratio) for s in self.samples],
+            "kv": self.kv.to_dict() if self.kv is not None else None,
         }
 
     def __str__(self) -> str:
@@ -62,6 +65,8 @@ class Report:
             )
         lines += [f"note: {n}" for n in self.notes]
         lines.append("FLOPs = estimated LLM prefill FLOPs relative to the unpatched model (vision tower excluded)")
+        if self.kv is not None:
+            lines += self.kv.lines()
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -115,7 +120,8 @@ class PatchHandle:
     def report(self) -> Report:
         """Tokens kept per sample and layer, and the estimated prefill FLOPs vs the unpatched model."""
         last = self._require_last()
-        return Report(self.strategy.describe(), last["samples"], last["notes"])
+        kv = self.kv_policy.report() if self.kv_policy is not None else None
+        return Report(self.strategy.describe(), last["samples"], last["notes"], kv)
 
     def __enter__(self) -> PatchHandle:
         return self
@@ -125,7 +131,8 @@ class PatchHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "unpatched"
-        return f"PatchHandle({type(self.model).__name__}, strategy={self.strategy.describe()}, {state})"
+        kv = f", kv={self.kv_policy.describe()}" if self.kv_policy is not None else ""
+        return f"PatchHandle({type(self.model).__name__}, strategy={self.strategy.describe()}{kv}, {state})"
 
     # --- called by the decoder loop -------------------------------------------------------------
     @property
@@ -137,15 +144,18 @@ class PatchHandle:
             raise RuntimeError("no forward has run on the patched model yet")
         return self._last
 
-    def _frozen_selection(self, stage, image_ids: list[int], token_ids: torch.Tensor) -> torch.Tensor | None:
-        """With `reuse_selection`, the last forward's choice at this stage, as indices into token_ids."""
+    def _frozen_selection(self, stage, image_ids: list[int], token_ids: torch.Tensor):
+        """With `reuse_selection`, the last forward's choice at this stage: (indices into token_ids, merged
+        features or None); (None, None) when there is none to reuse."""
         if not self.reuse_selection or self._last is None:
-            return None
+            return None, None
         previous = self._last["selections"].get(stage)
         if previous is None or any(i not in previous for i in image_ids):
-            return None
-        chosen = torch.stack([previous[i].to(token_ids.device) for i in image_ids])
-        return torch.searchsorted(token_ids, chosen)
+            return None, None
+        chosen = torch.stack([previous[i][0].to(token_ids.device) for i in image_ids])
+        merged = [previous[i][1] for i in image_ids]
+        merged = torch.stack(merged) if all(m is not None for m in merged) else None
+        return torch.searchsorted(token_ids, chosen), merged
 
     def _record_text_only(self, batch: int) -> None:
         self._last = {
@@ -154,7 +164,11 @@ class PatchHandle:
                 "pre_llm": [torch.empty(0, dtype=torch.long)] * batch,
             },
             "samples": [],
-            "notes": ["text-only input: nothing to prune, the model ran unpatched"],
+            "notes": [
+                "text-only input: nothing to prune, the model ran unpatched"
+                if self.kv_policy is None
+                else "text-only input: no visual tokens to prune; the KV policy ran"
+            ],
             "selections": {},
         }
 
@@ -198,7 +212,7 @@ class PatchHandle:
                 "final": [kept(segments[-1], b) for b in range(batch)],
             },
             "samples": samples,
-            "notes": list(getattr(self.strategy, "notes", [])),
+            "notes": list(getattr(self.strategy, "notes", [])) + list(getattr(self.adapter, "notes", [])),
             "selections": selections,
         }
 
@@ -207,6 +221,10 @@ def patch(
     model: torch.nn.Module,
     strategy: str | Strategy | None = None,
     keep: float | int | None = None,
+    *,
+    kv: str | KVPolicy | None = None,
+    kv_budget: int | None = None,
+    kv_options: dict | None = None,
     **options,
 ) -> PatchHandle:
     """Install a visual-token compression strategy on `model` (in place, this instance only).
@@ -217,6 +235,10 @@ def patch(
             a Strategy instance, or None for no compression.
         keep: a float in (0, 1], the fraction of each image's visual tokens kept, or an int, the tokens
             kept per image. None takes the strategy's paper default.
+        kv: a decode-time KV-cache policy from `vtc.kv.list_policies()` ("streaming", "h2o", "snapkv",
+            "visual_aware") or a `vtc.kv.KVPolicy` instance; works on text-only LLMs too (strategy None).
+        kv_budget: cache entries kept per layer (and KV head) by the policy.
+        kv_options: the policy's options, e.g. {"sinks": 4} for streaming, {"window": 16} for snapkv.
         **options: strategy options (e.g. `layer=2` for FastV).
 
     Returns a PatchHandle: `report()`, `last_kept()`, `unpatch()`; also a context manager.
@@ -240,7 +262,11 @@ def patch(
         keep = getattr(get_strategy_class(strategy or "none"), "default_keep", 1.0)
     built = build_strategy(strategy, keep, options)
     adapter.check(built)
+    policy = build_policy(kv, kv_budget, kv_options)
+    if policy is not None:
+        policy.bind(adapter.language_model)
     handle = PatchHandle(model, adapter, built)
+    handle.kv_policy = policy
     try:
         adapter.install(handle)
     except BaseException:

@@ -64,7 +64,9 @@ def decoder_attention_rows(
 
     scores = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, H, Q, L)
     key_pos = torch.arange(length, device=normed.device)
+    # a padding query sees only itself: no empty softmax row (NaN) when rows of all tokens are asked for
     allowed = key_valid[:, None, :] & (key_pos[None, None, :] <= query_index[..., None])
+    allowed |= key_pos[None, None, :] == query_index[..., None]
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return scores.softmax(dim=-1).mean(dim=1)
 
@@ -82,3 +84,13 @@ def vit_attention_received(attn: torch.nn.Module, hidden_states: torch.Tensor, c
         rows = q[:, :, start : start + chunk]
         total += ((rows @ k.transpose(-1, -2)) * attn.scale).softmax(dim=-1).sum(dim=2)
     return total / max(n - 1, 1)
+
+
+def vit_keys(attn: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """(B, head_dim, N) keys of a ViT attention layer averaged over heads, tokens LAST (like the other probes).
+
+    The matching metric of ToMe (tome/patch/timm.py: `k.mean(1)`) and VisionZip (visionzip/utils.py:
+    `raw_key_states.mean(1)`). `hidden_states` is the layer's attention input (already layer-normed), (B, N, D)."""
+    b, n, _ = hidden_states.shape
+    keys = attn.k_proj(hidden_states).view(b, n, attn.num_heads, attn.head_dim)
+    return keys.mean(dim=2).transpose(1, 2)

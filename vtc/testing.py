@@ -186,3 +186,37 @@ def llava_inputs(processor, questions: list[str], images: list[list[Image.Image]
         flat_images.extend(imgs)
     kwargs = {"images": flat_images} if flat_images else {}
     return processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+
+
+def tiny_vlm_dir():
+    """Where the trained tiny VLM's files live: assets/tiny_vlm at the repository root (a `pathlib.Path`)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "assets" / "tiny_vlm"
+
+
+def load_tiny_vlm(path: str | None = None) -> tuple:
+    """The tiny LLaVA trained on `vtc.data`'s synthetic grounding task (eval/train_tiny_vlm.py), fully offline.
+
+    Returns (model, processor): a `LlavaForConditionalGeneration` in fp32 and eval mode (CLIP ViT with [CLS],
+    224 px, 16 px patches: 196 visual tokens; Llama decoder) and a `LlavaProcessor` (word-level tokenizer,
+    left padding, CLIP preprocessing on the PIL backend). `path` is a directory (default `tiny_vlm_dir()`). Usage:
+
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=[image], text=[text], return_tensors="pt", padding=True)
+        new = model.generate(**inputs, max_new_tokens=2)[:, inputs["input_ids"].shape[1]:]
+        answer = processor.batch_decode(new, skip_special_tokens=True)[0]
+    """
+    from pathlib import Path
+
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    path = Path(path) if path is not None else tiny_vlm_dir()
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no trained tiny VLM at {path}: run `python eval/train_tiny_vlm.py` to make it")
+    image_processor = CLIPImageProcessorPil.from_pretrained(path, local_files_only=True)
+    processor = LlavaProcessor.from_pretrained(path, image_processor=image_processor, local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    return model.eval(), processor

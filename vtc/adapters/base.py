@@ -58,11 +58,12 @@ class Adapter:
                 f"{', '.join(SUPPORTED_ATTENTION)}: load the model with attn_implementation='sdpa'"
             )
         n_llm = self.language_model.config.num_hidden_layers
-        if strategy.stage == "llm" and not 1 <= strategy.llm_layer < n_llm:
-            raise ValueError(
-                f"strategy {strategy.name!r} prunes before decoder layer {strategy.llm_layer}, but the "
-                f"language model has {n_llm} layers: pass a layer in [1, {n_llm - 1}]"
-            )
+        for layer in strategy.prune_layers(n_llm):
+            if not 1 <= layer < n_llm:
+                raise ValueError(
+                    f"strategy {strategy.name!r} prunes before decoder layer {layer}, but the "
+                    f"language model has {n_llm} layers: pass a layer in [1, {n_llm - 1}]"
+                )
         for kind, layers in strategy.vision_probes(self.num_vision_layers(), self.feature_layer()).items():
             for layer in layers:
                 if not 0 <= layer < self.num_vision_layers():

@@ -38,7 +38,7 @@ class Sequence:
             _gather_tokens(self.hidden, index),
             _gather_tokens(self.positions, index),
             self.valid.gather(1, index) & used,
-            self.vis_index.gather(1, index),
+            self.vis_index.gather(1, index).masked_fill(~used, -1),
         )
 
 
@@ -87,6 +87,22 @@ class VisualLayout:
     grids: list[tuple[int, int]]
     sample_of_image: list[int]
     extras: dict = field(default_factory=dict)
+    # Optional: per unit, its flat visual-token indices (ascending, in its grid's raster order), for units
+    # that are not contiguous runs of the flat tokens (e.g. a crop of LLaVA-NeXT's row-major crop grid).
+    # Units must still be grouped by sample, in order. None: unit i is the run starts[i] .. + counts[i].
+    members: list[torch.Tensor] | None = None
+
+    def unit_tokens(self, unit: int, device=None) -> torch.Tensor:
+        """Flat visual-token indices of one unit, in its grid's raster order."""
+        if self.members is None:
+            return torch.arange(self.starts[unit], self.starts[unit] + self.counts[unit], device=device)
+        return self.members[unit].to(device)
+
+    def local_index(self, units: list[int], flat: torch.Tensor) -> torch.Tensor:
+        """(I, n) flat indices of tokens of `units` (one row per unit) -> their index in the unit's grid."""
+        if self.members is None:
+            return flat - torch.tensor([self.starts[u] for u in units], device=flat.device)[:, None]
+        return torch.stack([torch.searchsorted(self.members[u].to(flat.device), row) for u, row in zip(units, flat)])
 
     @property
     def starts(self) -> list[int]:
@@ -292,18 +308,16 @@ class PrunedDecoder:
         chosen = {}
 
         groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
-        for image, (start, count) in enumerate(zip(layout.starts, layout.counts)):
-            tokens = torch.arange(start, start + count, device=device)
+        for image in range(len(layout.counts)):
+            tokens = layout.unit_tokens(image, device)
             tokens = tokens[alive[tokens]]
             groups.setdefault((len(tokens), layout.grids[image]), []).append((image, tokens))
         for (n_alive, grid), members in groups.items():
             image_ids = [m[0] for m in members]
             token_index = torch.stack([m[1] for m in members])  # (I, n) flat indices, ascending
-            starts = torch.tensor([layout.starts[i] for i in image_ids], device=device)
-            token_ids = token_index - starts[:, None]  # local index in each image's grid
+            token_ids = layout.local_index(image_ids, token_index)  # local index in each image's grid
             ids = torch.tensor(image_ids, device=device)
-            sel = handle._frozen_selection(stage, image_ids, token_ids)
-            merged = None
+            sel, merged = handle._frozen_selection(stage, image_ids, token_ids)
             if sel is None:
                 visual = VisualTokens(
                     features=hidden_flat[where[token_index]],
@@ -311,6 +325,7 @@ class PrunedDecoder:
                     budget=strategy.stage_budget(layout.counts[image_ids[0]], n_alive, stage),
                     cls_attention=_probe_rows((vision or {}).get("cls", {}), ids, token_ids),
                     received_attention=_probe_rows((vision or {}).get("received", {}), ids, token_ids),
+                    vision={kind: _probe_rows(v, ids, token_ids) for kind, v in (vision or {}).items()},
                     text_attention=llm_probe["text_attention"][token_index][:, None] if llm_probe else None,
                     image_index=ids,
                     token_ids=token_ids,
@@ -332,7 +347,7 @@ class PrunedDecoder:
                 merged_rows.append(where[kept_tokens].reshape(-1))
                 merged_values.append(merged.reshape(-1, merged.shape[-1]))
             for row, image in enumerate(image_ids):
-                chosen[image] = token_ids[row].gather(0, sel[row])
+                chosen[image] = (token_ids[row].gather(0, sel[row]), merged[row] if merged is not None else None)
         selections[stage] = chosen
         if merged_rows:
             hidden_flat = hidden_flat.index_copy(

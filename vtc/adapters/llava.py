@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from ..probes import vit_attention_received, vit_cls_attention
+from ..probes import vit_attention_received, vit_cls_attention, vit_keys
 from .base import Adapter, register_adapter
 from .decoder import VisualLayout
 
-VISION_PROBES = {"cls": vit_cls_attention, "received": vit_attention_received}
+VISION_PROBES = {"cls": vit_cls_attention, "received": vit_attention_received, "keys": vit_keys}
 
 
 @register_adapter
@@ -53,7 +53,8 @@ class LlavaAdapter(Adapter):
 
     def check(self, strategy) -> None:
         super().check(strategy)
-        if strategy.vision_probes(self.num_vision_layers(), self.feature_layer()) and not self.has_cls():
+        probes = strategy.vision_probes(self.num_vision_layers(), self.feature_layer())
+        if probes.get("cls") and not self.has_cls():
             raise ValueError(
                 f"strategy {strategy.name!r} reads [CLS] attention, but this vision tower "
                 f"({type(self.inner.vision_tower).__name__}) has no [CLS] token; choose a strategy that does not"

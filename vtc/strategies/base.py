@@ -32,6 +32,8 @@ class VisualTokens:
         (softmax over all keys of that layer, [CLS] included; the [CLS] column itself is not in N).
     received_attention: vision layer -> (I, heads, N) attention each visual token receives, averaged
         over the patch queries (the [CLS] query excluded) at that layer.
+    vision: every vision probe the strategy asked for, by kind then layer, (I, C, N) each (the two above
+        included; e.g. "keys": the layer's keys averaged over heads, (I, head_dim, N)).
     text_attention: (I, Q, N) attention of the chosen text queries to each visual token, averaged over
         heads (in-LLM strategies only), softmax over the whole causal row.
     image_index: (I,) global index of each image in the batch (order of appearance).
@@ -46,6 +48,7 @@ class VisualTokens:
     budget: int
     cls_attention: dict[int, torch.Tensor] = field(default_factory=dict)
     received_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    vision: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     text_attention: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
@@ -179,9 +182,10 @@ class Composed(Strategy):
         if len(pre) > 1:
             raise ValueError("a composition takes at most one pre-LLM strategy: " + ", ".join(m.name for m in pre))
         self.pre = pre[0] if pre else None
-        self.llm = [m for m in members if m.stage == "llm"]
-        self.text_queries = self.llm[0].text_queries if self.llm else "last"
-        self.needs_keys = any(m.needs_keys for m in self.llm)
+        self.by_layer: dict[int, Strategy] = {}  # filled by prune_layers (pre-LLM members may prune in-LLM too)
+        in_llm = [m for m in members if m.stage == "llm"] or members
+        self.text_queries = in_llm[0].text_queries
+        self.needs_keys = any(m.needs_keys for m in members)
         self.notes = [n for m in members for n in getattr(m, "notes", [])]
 
     @property
@@ -191,12 +195,6 @@ class Composed(Strategy):
     @property
     def has_pre_llm(self) -> bool:
         return self.pre is not None
-
-    def prune_layers(self, num_layers: int) -> list[int]:
-        layers = [layer for m in self.llm for layer in m.prune_layers(num_layers)]
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"the in-LLM strategies of this composition prune at the same layer: {layers}")
-        return sorted(layers)
 
     def vision_probes(self, num_layers: int, feature_layer: int) -> dict[str, list[int]]:
         merged: dict[str, list[int]] = {}
@@ -208,7 +206,16 @@ class Composed(Strategy):
     def member_for(self, stage: str | int) -> Strategy:
         if stage == "pre_llm":
             return self.pre
-        return next(m for m in self.llm if stage in m.prune_layers(10**6))
+        return self.by_layer[stage]
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        layers = [(layer, m) for m in self.members for layer in m.prune_layers(num_layers)]
+        self.by_layer = dict(layers)
+        if len(self.by_layer) != len(layers):
+            raise ValueError(
+                f"the strategies of this composition prune at the same layer: {sorted(x for x, _ in layers)}"
+            )
+        return sorted(self.by_layer)
 
     def stage_budget(self, n_original: int, n_alive: int, stage: str | int) -> int:
         return self.member_for(stage).stage_budget(n_original, n_alive, stage)

@@ -1,0 +1,144 @@
+"""The synthetic grounding task (vtc.data), the trained tiny VLM (assets/tiny_vlm) and its training smoke run."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vtc import data
+from vtc.testing import load_tiny_vlm, tiny_vlm_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[dict]:
+    return data.make_scene_qa(150, seed=11)
+
+
+def _digest(image) -> str:
+    return hashlib.sha1(np.asarray(image).tobytes()).hexdigest()
+
+
+def test_same_seed_same_samples():
+    a, b = data.make_scene_qa(4, seed=3), data.make_scene_qa(4, seed=3)
+    for x, y in zip(a, b):
+        assert _digest(x["image"]) == _digest(y["image"])
+        assert (x["question"], x["answer"], x["kind"], x["small"], x["objects"]) == (
+            y["question"], y["answer"], y["kind"], y["small"], y["objects"])
+    # sample i does not depend on n; another seed gives other pictures
+    assert _digest(data.make_scene_qa(2, seed=3)[1]["image"]) == _digest(a[1]["image"])
+    assert _digest(data.make_scene_qa(1, seed=4)[0]["image"]) != _digest(a[0]["image"])
+
+
+def test_sample_format(samples):
+    vocab = set(data.vocabulary())
+    for s in samples:
+        assert s["image"].size == (224, 224) and s["image"].mode == "RGB"
+        assert s["kind"] in data.KINDS and isinstance(s["small"], bool)
+        assert " " not in s["answer"] and s["answer"] in vocab
+        assert set(s["question"].split()) <= vocab
+        assert 1 <= len(s["objects"]) <= data.MAX_OBJECTS
+    assert {s["kind"] for s in samples} == set(data.KINDS)
+    assert any(s["small"] for s in samples) and not all(s["small"] for s in samples)
+
+
+def test_objects_are_drawn_where_the_ground_truth_says(samples):
+    for s in samples[:40]:
+        pixels = np.asarray(s["image"]).astype(int)
+        for k, o in enumerate(s["objects"]):
+            assert o["size"] in data.SIZES and o["x"] % 4 == 0 and o["y"] % 4 == 0
+            assert s["mask"][o["y"], o["x"]] == k + 1  # the centre belongs to the object (no overlap)
+            colour = np.array(data.COLOURS[o["colour"]])
+            assert np.abs(pixels[o["y"], o["x"]] - colour).max() <= 12
+        for k, a in enumerate(s["objects"]):  # bounding boxes never overlap
+            for b in s["objects"][k + 1:]:
+                reach = (data.SIZES[a["size"]] + data.SIZES[b["size"]]) // 2
+                assert abs(a["x"] - b["x"]) >= reach or abs(a["y"] - b["y"]) >= reach
+
+
+def _coarse_position(o: dict) -> str | None:
+    """Independent re-implementation: the 3x3 cell of the centre, with a 12 px margin from cell borders."""
+    third = 224 / 3
+    row, col = int(o["y"] // third), int(o["x"] // third)
+    for v, c in ((o["y"], row), (o["x"], col)):
+        if v - c * third < 12 or (c + 1) * third - v < 12:
+            return None
+    return {(1, 0): "left", (1, 2): "right", (0, 1): "top", (2, 1): "bottom", (1, 1): "centre"}.get((row, col))
+
+
+def test_answers_match_ground_truth_and_are_unambiguous(samples):
+    for s in samples:
+        objects, words, kind = s["objects"], s["question"].split(), s["kind"]
+        if kind == "colour":  # what colour is the <shape> ?
+            matches = [o for o in objects if o["shape"] == words[4]]
+            assert len(matches) == 1 and matches[0]["colour"] == s["answer"]
+            assert s["small"] == (matches[0]["size"] == "small")
+        elif kind == "shape":  # what shape is the <colour> object ?
+            matches = [o for o in objects if o["colour"] == words[4]]
+            assert len(matches) == 1 and matches[0]["shape"] == s["answer"]
+            assert s["small"] == (matches[0]["size"] == "small")
+        elif kind == "count":
+            assert s["answer"] == data.NUMBERS[len(objects)]
+            assert s["small"] == any(o["size"] == "small" for o in objects)
+        elif kind == "presence":  # is there a <colour> <shape> ?
+            matches = [o for o in objects if (o["colour"], o["shape"]) == (words[3], words[4])]
+            assert s["answer"] == ("yes" if matches else "no")
+            assert s["small"] == bool(matches and all(o["size"] == "small" for o in matches))
+        elif kind == "position":  # where is the <colour> <shape> ?
+            matches = [o for o in objects if (o["colour"], o["shape"]) == (words[3], words[4])]
+            assert len(matches) == 1 and _coarse_position(matches[0]) == s["answer"]
+            assert s["small"] == (matches[0]["size"] == "small")
+    presence = [s["answer"] for s in samples if s["kind"] == "presence"]
+    assert 0 < presence.count("yes") < len(presence)
+
+
+def test_heldout_split_is_disjoint_from_training():
+    assert data.train_seed(0) != data.HELDOUT_SEED and data.train_seed(data.HELDOUT_SEED - 1) < data.HELDOUT_SEED
+    with pytest.raises(ValueError, match="held-out"):
+        data.train_seed(data.HELDOUT_SEED)
+    heldout = {_digest(s["image"]) for s in data.make_scene_qa(20, data.HELDOUT_SEED)}
+    # the training script draws picture i of batch `step` from default_rng((train_seed(step), i))
+    train = {_digest(data.render_scene(np.random.default_rng((data.train_seed(step), i)))[0])
+             for step in range(3) for i in range(8)}
+    assert len(heldout) == 20 and not heldout & train
+
+
+def _load_training_script():
+    spec = importlib.util.spec_from_file_location("train_tiny_vlm", ROOT / "eval" / "train_tiny_vlm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_tiny_vlm", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_smoke_lowers_the_loss():
+    losses = _load_training_script().smoke(steps=3, images=2)  # asserts the loss of each stage goes down
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert losses[2] < losses[0] and losses[5] < losses[3]
+
+
+@pytest.mark.skipif(not (tiny_vlm_dir() / "model.safetensors").is_file(), reason="tiny VLM weights not trained")
+def test_tiny_vlm_loads_offline_and_answers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = load_tiny_vlm()
+    assert model.dtype == torch.float32 and not model.training
+    assert (tiny_vlm_dir() / "model.safetensors").stat().st_size <= 20 * 2**20
+    samples = data.make_scene_qa(16, data.HELDOUT_SEED)
+    texts = []
+    for s in samples:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s["question"]}]}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+    assert processor.tokenizer.unk_token_id not in processor.tokenizer(texts)["input_ids"][0]
+    inputs = processor(images=[s["image"] for s in samples], text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    words = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    correct = sum(w.split()[:1] == [s["answer"]] for w, s in zip(words, samples))
+    assert correct >= 13, list(zip(words, [s["answer"] for s in samples]))

@@ -1,0 +1,350 @@
+"""DESIGN.md section 4 invariants on the LLaVA-NeXT and LLaVA-OneVision adapters (anyres crops, videos)."""
+
+import pytest
+import torch
+
+import vtc
+from vtc.adapters.llava_next import kept_by_unit
+from vtc.testing import make_image
+from vtc.testing_llava_next import (
+    make_video,
+    make_wide_image,
+    next_inputs,
+    onevision_video_inputs,
+    tiny_llava_next,
+    tiny_llava_next_processor,
+    tiny_llava_onevision,
+    tiny_llava_onevision_processor,
+)
+
+from .helpers import hook_count, instance_attributes, until_eos
+
+VISION_KEYS = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")
+QUESTIONS = ["What is in the image?", "How many objects are there? Answer with one word.", "Where is it?"]
+IMAGES = [[make_wide_image(0)], [make_image(1)], [make_wide_image(2, (64, 96)), make_image(3)]]
+
+
+@pytest.fixture(scope="module")
+def next_model():
+    return tiny_llava_next("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def ov_model():
+    return tiny_llava_onevision("qwen2", seed=0)
+
+
+@pytest.fixture(scope="module")
+def next_proc():
+    return tiny_llava_next_processor()
+
+
+@pytest.fixture(scope="module")
+def ov_proc():
+    return tiny_llava_onevision_processor()
+
+
+@pytest.fixture(scope="module")
+def cases(next_model, ov_model, next_proc, ov_proc):
+    """name -> (model, processor, batch). NeXT: a wide, a square and a tall + square pair (crops of
+    different shapes, left padding); OneVision: the same images (multi-image sample: no crops), and videos."""
+    return {
+        "next": (next_model, next_proc, next_inputs(next_proc, QUESTIONS, IMAGES)),
+        "ov": (ov_model, ov_proc, next_inputs(ov_proc, QUESTIONS, IMAGES)),
+        "ov_video": (
+            ov_model,
+            ov_proc,
+            onevision_video_inputs(
+                ov_proc, ["What happens?", "Describe the clip, please."], [make_video(0), make_video(1)]
+            ),
+        ),
+    }
+
+
+CASE_STRATEGIES = [
+    (case, s)
+    for case, strategies in [
+        ("next", ["none", "vtc_cls", "fopru", "fastv"]),
+        ("ov", ["none", "fopru", "fastv"]),
+        ("ov_video", ["none", "fopru", "fastv"]),
+    ]
+    for s in strategies
+]
+PRE_LLM = [("next", "vtc_cls"), ("next", "fopru"), ("ov", "fopru"), ("ov_video", "fopru")]
+
+
+def lm_inputs(model, inputs):
+    """The inputs_embeds the unpatched model hands its language model, and the visual-token mask (image or
+    video placeholders that are not newline tokens: those carry `image_newline` exactly)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    embeds, ids = seen["embeds"], inputs["input_ids"]
+    placeholders = ids == model.config.image_token_id
+    if getattr(model.config, "video_token_id", None) is not None:
+        placeholders |= ids == model.config.video_token_id
+    newline = (embeds == model.model.image_newline).all(-1)
+    return embeds, placeholders & ~newline
+
+
+def oracle_logits(model, inputs, kept, b, full):
+    """Unpatched language model on sample b's compacted sequence at the kept tokens' original positions;
+    `full` = lm_inputs(model, inputs) (computed with the model unpatched)."""
+    embeds, visual = full
+    valid = inputs["attention_mask"][b].bool()
+    keep = valid & ~visual[b]
+    keep[visual[b].nonzero().squeeze(1)[kept[b]]] = True
+    rows = keep.nonzero().squeeze(1)
+    positions = (inputs["attention_mask"][b].cumsum(-1) - 1)[rows]
+    with torch.no_grad():
+        out = model.model.language_model(
+            inputs_embeds=embeds[b : b + 1, rows],
+            position_ids=positions[None],
+            attention_mask=torch.ones(1, len(rows), dtype=torch.long),
+            use_cache=False,
+        )
+        return model.lm_head(out.last_hidden_state)[0]
+
+
+def vision_kwargs(inputs):
+    return {k: inputs[k] for k in VISION_KEYS if k in inputs}
+
+
+def greedy_recompute(model, inputs, steps):
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **vision_kwargs(inputs)
+        )
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids[:, inputs["input_ids"].shape[1] :]
+
+
+@pytest.mark.parametrize("case,strategy", CASE_STRATEGIES)
+def test_keep_one_is_identity(case, strategy, cases):
+    model, _, inputs = cases[case]
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtc.patched(model, strategy, keep=1.0):
+            out = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    assert out.shape == ref.shape
+    assert (out - ref)[valid].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("case,strategy", PRE_LLM)
+@pytest.mark.parametrize("keep", [0.25, 2])
+def test_pre_llm_equals_oracle_and_unit_budgets(case, strategy, keep, cases):
+    model, _, inputs = cases[case]
+    full = lm_inputs(model, inputs)
+    with torch.no_grad(), vtc.patched(model, strategy, keep=keep) as handle:
+        out = model(**inputs).logits
+        kept = handle.last_kept("pre_llm")
+        layout = handle.adapter.last_layout
+        units = kept_by_unit(handle, "pre_llm")
+    for b, rows in enumerate(units):
+        for row in rows:  # every unit (base image, crop, frame) got its own budget
+            n = row["grid"][0] * row["grid"][1]
+            expected = min(keep, n) if isinstance(keep, int) else max(1, int(n * keep + 0.5))
+            assert len(row["kept"]) == expected, row
+        assert len(kept[b]) == sum(len(r["kept"]) for r in rows)
+        assert torch.equal(kept[b], kept[b].sort().values)
+        oracle = oracle_logits(model, inputs, kept, b, full)
+        assert (out[b, -len(oracle) :] - oracle).abs().max() <= 1e-5
+    assert sum(layout.counts) == int(full[1].sum())
+
+
+def test_units_partition_the_crops(cases):
+    """Base image + one unit per crop; crop units are the sub-rectangles of the unpadded stitched grid."""
+    model, _, inputs = cases["next"]
+    with torch.no_grad(), vtc.patched(model, "none") as handle:
+        model(**inputs)
+        layout = handle.adapter.last_layout
+    units, images = layout.extras["units"], layout.extras["images"]
+    assert [u["image"] for u in units if u["role"] == "base"] == [0, 1, 2, 3]
+    assert [(im["crops"], im["grid"]) for im in images] == [
+        ((2, 2), (4, 6)),
+        ((2, 2), (6, 6)),
+        ((2, 2), (6, 4)),
+        ((2, 2), (6, 6)),
+    ]
+    assert layout.sample_of_image == [u["sample"] for u in units] == [0] * 5 + [1] * 5 + [2] * 10
+    wide = [u for u in units if u["image"] == 0]
+    assert [(u["role"], u["crop"], u["box"], u["grid"]) for u in wide] == [
+        ("base", None, None, (3, 3)),
+        ("crop", (0, 0), (0, 0, 2, 3), (2, 3)),
+        ("crop", (0, 1), (0, 3, 2, 6), (2, 3)),
+        ("crop", (1, 0), (2, 0, 4, 3), (2, 3)),
+        ("crop", (1, 1), (2, 3, 4, 6), (2, 3)),
+    ]
+    tall = [u for u in units if u["image"] == 2 and u["role"] == "crop"]
+    assert [u["box"] for u in tall] == [(0, 0, 3, 2), (0, 2, 3, 4), (3, 0, 6, 2), (3, 2, 6, 4)]
+    # sequence order: base (9 tokens), then the 4 x 6 grid row by row (newlines left out)
+    members = [layout.unit_tokens(u).tolist() for u in range(5)]
+    assert members[0] == list(range(9))
+    assert members[1] == [9, 10, 11, 15, 16, 17] and members[2] == [12, 13, 14, 18, 19, 20]
+    assert sorted(sum(members, [])) == list(range(33))
+
+
+def test_cls_probe_follows_crops_and_unpadding(next_model, next_proc):
+    """The [CLS] scores a strategy sees for a crop unit are the tower's own attention rows of that crop,
+    cut to the unpadded rectangle (oracle: eager attention weights of the unpatched vision tower)."""
+    model = next_model
+    inputs = next_inputs(next_proc, ["What is it?"], [[make_wide_image(4)]])
+    seen = {}
+
+    class Echo(vtc.Strategy):
+        name = "echo_cls"
+
+        def vision_probes(self, num_layers, feature_layer):
+            return {"cls": [feature_layer]}
+
+        def select(self, visual):
+            for i, unit in enumerate(visual.image_index.tolist()):
+                seen[unit] = visual.cls_attention[2][i]
+            return super().select(visual)
+
+    with torch.no_grad():
+        pixels = inputs["pixel_values"][0]  # base + 4 crops
+        tower = model.model.vision_tower
+        tower.config._attn_implementation = "eager"  # attention weights for the oracle only
+        try:
+            attn = tower(pixels, output_attentions=True).attentions[2][:, :, 0, 1:]  # (5, heads, 9)
+        finally:
+            tower.config._attn_implementation = "sdpa"
+        with vtc.patched(model, Echo(keep=1.0)) as handle:
+            model(**inputs)
+            units = handle.adapter.last_layout.extras["units"]
+    grid = attn.view(5, attn.shape[1], 3, 3)
+    assert torch.allclose(seen[0], grid[0].flatten(1), atol=1e-6)
+    pad = (6 - 4) // 2  # 6 padded rows, 4 kept
+    for unit in units[1:]:
+        (i, j), (r0, c0, r1, c1) = unit["crop"], unit["box"]
+        rows = torch.arange(r0, r1) + pad - 3 * i
+        cols = torch.arange(c0, c1) - 3 * j
+        expected = grid[unit["patch"]][:, rows][:, :, cols].flatten(1)
+        assert torch.allclose(seen[unit["unit"]], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case,strategy", [("next", "vtc_cls"), ("next", "fastv"), ("ov", "fopru"), ("ov_video", "fastv")]
+)
+def test_generate_with_cache_equals_recompute(case, strategy, cases):
+    model, _, inputs = cases[case]
+    eos = model.config.text_config.eos_token_id
+    with torch.no_grad(), vtc.patched(model, strategy, keep=0.25) as handle:
+        cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        handle.reuse_selection = True
+        recomputed = greedy_recompute(model, inputs, 4)
+    assert until_eos(cached, eos) == until_eos(recomputed, eos)
+
+
+@pytest.mark.parametrize("case,strategy", [("next", "vtc_cls"), ("ov", "fastv")])
+def test_batch_equals_each_sample_alone(case, strategy, cases):
+    model, processor, inputs = cases[case]
+    with torch.no_grad(), vtc.patched(model, strategy, keep=0.25) as handle:
+        out = model(**inputs).logits
+        kept = handle.last_kept()
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        for b in (0, 2):  # the wide image (unpadded crops) and the two-image sample
+            alone = next_inputs(processor, [QUESTIONS[b]], [IMAGES[b]])
+            out_b = model(**alone).logits
+            assert torch.equal(handle.last_kept()[0], kept[b])
+            assert (out[b, -out_b.shape[1] :] - out_b[0]).abs().max() <= 1e-5
+            gen_b = model.generate(**alone, max_new_tokens=3, do_sample=False)[:, alone["input_ids"].shape[1] :]
+            eos = model.config.text_config.eos_token_id
+            assert until_eos(gen[b : b + 1], eos) == until_eos(gen_b, eos)
+
+
+def test_onevision_video_frames_are_units(cases):
+    model, _, inputs = cases["ov_video"]
+    with torch.no_grad(), vtc.patched(model, "fopru", keep=1) as handle:
+        model(**inputs)
+        report = handle.report()
+        units = kept_by_unit(handle)
+        layout = handle.adapter.last_layout
+    assert layout.counts == [4] * 6 and layout.grids == [(2, 2)] * 6
+    assert [(r["video"], r["frame"], r["role"], len(r["kept"])) for r in units[1]] == [
+        (1, f, "frame", 1) for f in range(3)
+    ]
+    assert [s.visual_in for s in report.samples] == [12, 12]
+    assert [s.visual_after_pre_llm for s in report.samples] == [3, 3]
+    assert report.samples[1].images == [3, 4, 5]
+
+
+def test_onevision_downsampled_grid(ov_model):
+    """anyres_max_1: the stitched grid is downsampled (bilinear); units stay rectangles; oracle holds."""
+    model = ov_model
+    processor = tiny_llava_onevision_processor("anyres_max_1")
+    inputs = next_inputs(processor, ["What is it?", "Where?"], [[make_wide_image(5)], [make_image(6)]])
+    model.config.vision_aspect_ratio = model.model.config.vision_aspect_ratio = "anyres_max_1"
+    try:
+        with torch.no_grad():
+            ref = model(**inputs).logits
+            full = lm_inputs(model, inputs)
+            with vtc.patched(model, "fopru", keep=1.0):
+                assert (model(**inputs).logits - ref)[inputs["attention_mask"].bool()].abs().max() <= 1e-5
+            with vtc.patched(model, "fopru", keep=0.5) as handle:
+                out = model(**inputs).logits
+                kept = handle.last_kept()
+                layout = handle.adapter.last_layout
+    finally:
+        model.config.vision_aspect_ratio = model.model.config.vision_aspect_ratio = "anyres_max_9"
+    assert layout.extras["images"][0]["downsampled"]
+    crops = [u for u in layout.extras["units"] if u["role"] == "crop" and u["image"] == 0]
+    assert sum(u["grid"][0] * u["grid"][1] for u in crops) == 6  # the 4 x 6 grid became 2 x 3
+    for b in range(2):
+        oracle = oracle_logits(model, inputs, kept, b, full)
+        assert (out[b, -len(oracle) :] - oracle).abs().max() <= 1e-5
+
+
+def test_unpatch_restores_exactly(cases):
+    model, _, inputs = cases["ov"]
+    video = cases["ov_video"][2]
+    with torch.no_grad():
+        ref, ref_video = model(**inputs).logits, model(**video).logits
+    hooks, attributes = hook_count(model), instance_attributes(model)
+    with torch.no_grad():
+        handle = vtc.patch(model, "fopru", keep=0.25)
+        assert hook_count(model) > hooks and "pack_image_features" in vars(model.model)
+        assert model(**inputs).logits.shape != ref.shape
+        model(**video)
+        handle.unpatch()
+        assert torch.equal(model(**inputs).logits, ref) and torch.equal(model(**video).logits, ref_video)
+    assert hook_count(model) == hooks
+    assert instance_attributes(model) == attributes
+    assert not handle.active
+
+
+def test_text_only_passes_through(cases):
+    model, processor, _ = cases["next"]
+    inputs = next_inputs(processor, ["Where is the small object?", "How many?"])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtc.patched(model, "vtc_cls", keep=0.25) as handle:
+            assert torch.equal(model(**inputs).logits, ref)
+            assert "text-only" in str(handle.report())
+
+
+def test_bad_input_fails_loud(cases):
+    next_model, _, next_batch = cases["next"]
+    ov_model, _, video = cases["ov_video"]
+    with vtc.patched(next_model, "fastv", keep=0.5), pytest.raises(ValueError, match="has no video path"):
+        next_model(**next_batch, pixel_values_videos=video["pixel_values_videos"])
+    with pytest.raises(ValueError, match=r"no \[CLS\] token.*fopru"):
+        vtc.patch(ov_model, "vtc_cls", keep=0.25)
+    assert "forward" not in vars(ov_model.model.language_model)  # left unpatched
+    assert "pack_image_features" not in vars(ov_model.model)
+    assert {"LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"} <= set(
+        vtc.supported_models()
+    )

@@ -1,0 +1,345 @@
+"""DESIGN.md section 4 invariants on the Qwen2-VL / Qwen2.5-VL adapter: dynamic resolution, the 2x2 merger,
+window attention (2.5), videos (frames as units), M-RoPE positions and the [CLS] surrogate probe."""
+
+import pytest
+import torch
+
+import vtc
+from vtc.testing import make_image
+from vtc.testing_qwen import make_video, qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
+
+from .helpers import hook_count, instance_attributes, until_eos
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+PRE_LLM = ["vtc_cls", "fopru"]
+ALL = ["none", *PRE_LLM, "fastv"]
+VIDEO_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+@pytest.fixture(scope="module")
+def qprocessor():
+    return tiny_qwen_processor()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: tiny_qwen_vl(family, seed=1) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def qbatch(qprocessor):
+    """Sample 0: one square image (4x4 tokens); sample 1: two images of other shapes (3x5, 3x3); sample 2: a
+    4-frame video (2 temporal patches of 2x3 tokens). Different prompt lengths, so left padding."""
+    questions = ["What is in the image?", "Compare the pictures.", "How many objects are there? Answer with one word."]
+    images = [[make_image(0, size=112)], [make_image(1).resize((140, 84)), make_image(2, size=84)], []]
+    videos = [[], [], [make_video(3)]]
+    return questions, images, videos, qwen_inputs(qprocessor, questions, images, videos)
+
+
+def full_sequence(model, inputs):
+    """inputs_embeds with image/video features scattered in and the (3, B, L) M-RoPE ids, as HF builds them."""
+    inner, config = model.model, model.config
+    ids = inputs["input_ids"]
+    embeds = inner.get_input_embeddings()(ids)
+    if "pixel_values" in inputs:
+        feats = torch.cat(inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+        embeds = embeds.masked_scatter((ids == config.image_token_id)[..., None], feats)
+    if "pixel_values_videos" in inputs:
+        feats = torch.cat(
+            inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        )
+        embeds = embeds.masked_scatter((ids == config.video_token_id)[..., None], feats)
+    positions, _ = inner.get_rope_index(
+        ids,
+        inputs["mm_token_type_ids"],
+        image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"),
+        attention_mask=inputs["attention_mask"],
+    )
+    return embeds, positions, inputs["mm_token_type_ids"] > 0
+
+
+def oracle_logits(model, inputs, full, kept, b):
+    """Unpatched language model on sample b's compacted sequence at the kept tokens' original 3-D positions."""
+    embeds, positions, visual = full
+    keep = inputs["attention_mask"][b].bool() & ~visual[b]
+    keep[visual[b].nonzero().squeeze(1)[kept[b]]] = True
+    rows = keep.nonzero().squeeze(1)
+    out = model.model.language_model(
+        inputs_embeds=embeds[b : b + 1, rows],
+        position_ids=positions[:, b : b + 1, rows],
+        attention_mask=torch.ones(1, len(rows), dtype=torch.long),
+        use_cache=False,
+    )
+    return model.lm_head(out.last_hidden_state)[0]
+
+
+def qwen_greedy_recompute(model, inputs, steps):
+    """Greedy decoding with no cache: the whole sequence (pixels, grids, token types) re-run at every step."""
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
+    extra = {k: inputs[k] for k in VIDEO_KEYS if k in inputs}
+    for _ in range(steps):
+        out = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False, **extra)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+        types = torch.cat([types, torch.zeros_like(nxt)], 1)
+    return ids[:, inputs["input_ids"].shape[1] :]
+
+
+def per_unit_kept(layout, kept):
+    """Kept tokens per unit (image / video frame), from per-sample kept indices."""
+    out, sample_start = [], {}
+    for start, count, sample in zip(layout.starts, layout.counts, layout.sample_of_image):
+        first = sample_start.setdefault(sample, start)
+        local = start - first
+        out.append(int(((kept[sample] >= local) & (kept[sample] < local + count)).sum()))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("strategy", ALL)
+def test_keep_one_is_identity(family, strategy, models, qbatch):
+    model, inputs = models[family], qbatch[3]
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtc.patched(model, strategy, keep=1.0):
+            out = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    assert out.shape == ref.shape
+    assert (out - ref)[valid].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_one_is_identity_eager(family, qbatch):
+    model = tiny_qwen_vl(family, seed=2, attn_implementation="eager")
+    inputs = qbatch[3]
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtc.patched(model, "fastv", keep=1.0):
+            out = model(**inputs).logits
+    assert (out - ref)[inputs["attention_mask"].bool()].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "family,strategy,keep",
+    [
+        ("qwen2_vl", "vtc_cls", 0.5),
+        ("qwen2_vl", "fopru", 2),
+        ("qwen2_5_vl", "vtc_cls", 2),
+        ("qwen2_5_vl", "fopru", 0.5),
+    ],
+)
+def test_pre_llm_equals_oracle_and_budgets_per_unit(family, strategy, keep, models, qbatch):
+    model, inputs = models[family], qbatch[3]
+    with torch.no_grad(), vtc.patched(model, strategy, keep=keep) as handle:
+        out = model(**inputs).logits
+        kept = handle.last_kept("pre_llm")
+        layout = handle.adapter.last_layout
+    units = layout.extras["units"]
+    assert [(u["kind"], u["index"], u["t"], u["grid"]) for u in units] == [
+        ("image", 0, 0, (4, 4)),
+        ("image", 1, 0, (3, 5)),
+        ("image", 2, 0, (3, 3)),
+        ("video", 0, 0, (2, 3)),
+        ("video", 0, 1, (2, 3)),
+    ]
+    assert layout.sample_of_image == [0, 1, 1, 2, 2]
+    expected = [2] * 5 if keep == 2 else [8, 8, 5, 3, 3]  # round(n * keep) per image and per frame
+    assert per_unit_kept(layout, kept) == expected
+    with torch.no_grad():
+        full = full_sequence(model, inputs)
+    for b in range(3):
+        assert torch.equal(kept[b], kept[b].sort().values)
+        with torch.no_grad():
+            oracle = oracle_logits(model, inputs, full, kept, b)
+        assert (out[b, -len(oracle) :] - oracle).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "family,strategy",
+    [("qwen2_vl", "vtc_cls"), ("qwen2_vl", "fastv"), ("qwen2_5_vl", "fopru"), ("qwen2_5_vl", "fastv")],
+)
+def test_generate_with_cache_equals_recompute(family, strategy, models, qbatch):
+    model, inputs = models[family], qbatch[3]
+    eos = model.config.text_config.eos_token_id
+    with torch.no_grad(), vtc.patched(model, strategy, keep=0.5) as handle:
+        cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        handle.reuse_selection = True
+        recomputed = qwen_greedy_recompute(model, inputs, 4)
+    assert until_eos(cached, eos) == until_eos(recomputed, eos)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_keep_one_equals_unpatched(family, models, qbatch):
+    model, inputs = models[family], qbatch[3]
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        with vtc.patched(model, "fastv", keep=1.0):
+            out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_generate_without_cache_equals_cached(models, qbatch):
+    """generate(use_cache=False) re-runs the prefill on the encoder outputs computed once: same grids and probes."""
+    model, inputs = models["qwen2_5_vl"], qbatch[3]
+    with torch.no_grad(), vtc.patched(model, "vtc_cls", keep=0.5):
+        cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_positions_are_logical(family, models, qprocessor):
+    """A manual decode step with no mask and no position ids: HF would derive positions from the physical
+    (pruned, shorter) cache; the adapter gives the logical ones, so the step equals the no-cache recompute."""
+    model = models[family]
+    inputs = qwen_inputs(qprocessor, ["Describe the picture in detail, please."], [[make_image(5, size=112)]])
+    inputs.pop("attention_mask")
+    with torch.no_grad(), vtc.patched(model, "vtc_cls", keep=0.25) as handle:
+        first = model(**inputs, use_cache=True)
+        nxt = first.logits[:, -1:].argmax(-1)
+        step = model(input_ids=nxt, past_key_values=first.past_key_values, use_cache=True).logits[0, -1]
+        assert first.past_key_values.get_seq_length() < inputs["input_ids"].shape[1]
+        handle.reuse_selection = True
+        ids = torch.cat([inputs["input_ids"], nxt], 1)
+        types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+        full = model(
+            input_ids=ids,
+            mm_token_type_ids=types,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+            use_cache=False,
+        ).logits[0, -1]
+    assert (step - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family,strategy", [("qwen2_vl", "vtc_cls"), ("qwen2_5_vl", "fopru"), ("qwen2_5_vl", "fastv")])
+def test_batch_equals_each_sample_alone(family, strategy, models, qprocessor, qbatch):
+    model = models[family]
+    questions, images, videos, inputs = qbatch
+    with torch.no_grad(), vtc.patched(model, strategy, keep=0.5) as handle:
+        out = model(**inputs).logits
+        kept = handle.last_kept()
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        for b in range(3):
+            alone = qwen_inputs(qprocessor, [questions[b]], [images[b]], [videos[b]])
+            out_b = model(**alone).logits
+            assert torch.equal(handle.last_kept()[0], kept[b])
+            assert (out[b, -out_b.shape[1] :] - out_b[0]).abs().max() <= 1e-5
+            gen_b = model.generate(**alone, max_new_tokens=3, do_sample=False)[:, alone["input_ids"].shape[1] :]
+            assert gen[b].tolist() == gen_b[0].tolist()
+
+
+def _dense_received(model, inputs, layer):
+    """Oracle for the [CLS] surrogate: the full attention matrix of vision block `layer` for the images, masked
+    to each image (and, in windowed layers, to each window) from the patches' (h, w) coordinates, mean over
+    queries, then averaged over the 2x2 patches of each merged token located by their coordinates."""
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    visual = model.model.visual
+    grid = inputs["image_grid_thw"]
+    captured = {}
+    hook = visual.blocks[layer].attn.register_forward_pre_hook(
+        lambda m, a, k: captured.update(hidden=a[0], pe=k["position_embeddings"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model.model.get_image_features(inputs["pixel_values"], grid)
+    hook.remove()
+    attn, hidden = visual.blocks[layer].attn, captured["hidden"]
+    n = hidden.shape[0]
+    coords = get_vision_position_ids(grid, 2)  # (n, 2) h, w per patch in the processor's order
+    image = torch.repeat_interleave(torch.arange(len(grid)), grid.prod(-1))
+    windowed = hasattr(visual, "fullatt_block_indexes") and layer not in visual.fullatt_block_indexes
+    if hasattr(visual, "fullatt_block_indexes"):  # the tower runs on window-permuted patches
+        window_index, _ = get_vision_window_index(grid, 2, visual.window_size, visual.patch_size)
+        order = torch.arange(n).view(-1, 4)[window_index].reshape(-1)
+        coords, image = coords[order], image[order]
+    win = visual.config.window_size // 2 // visual.patch_size if windowed else 10**6
+    segment = image * 10**6 + (coords[:, 0] // 2 // win) * 1000 + coords[:, 1] // 2 // win
+    with torch.no_grad():
+        q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        q, k = apply_rotary_pos_emb_vision(q, k, *captured["pe"])
+        scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * attn.scaling
+        same = segment[:, None] == segment[None, :]
+        probs = scores.masked_fill(~same, float("-inf")).softmax(-1)
+        received = (probs * (1.0 / same.sum(1)).view(1, -1, 1)).sum(1)  # (H, n): mean over each segment's queries
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (grid.prod(-1) // 4).cumsum(0)[:-1]])
+    widths = grid[:, 2] // 2
+    merged = starts[image] + (coords[:, 0] // 2) * widths[image] + coords[:, 1] // 2
+    out = torch.zeros(attn.num_heads, int((grid.prod(-1) // 4).sum())).index_add_(1, merged, received / 4)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cls_surrogate_equals_dense_oracle(family, models, qprocessor):
+    model = models[family]
+    images = [make_image(6).resize((84, 112)), make_image(7).resize((140, 84))]  # 4x3 and 3x5 token grids
+    inputs = qwen_inputs(qprocessor, ["Compare."], [images])
+    with torch.no_grad(), vtc.patched(model, "vtc_cls", keep=0.25, start_layer=0) as handle:
+        model(**inputs)
+        assert "no [CLS]" in handle.adapter.notes[0]
+        probes = handle.adapter._probes["cls"]
+        counts = handle.adapter.last_layout.counts
+    assert counts == [12, 15]
+    for layer in range(4):  # Qwen2.5-VL tiny: layers 0 and 2 windowed, 1 and 3 full attention
+        oracle = _dense_received(model, inputs, layer)
+        flat = torch.cat([probes[layer][i, :, :c] for i, c in enumerate(counts)], dim=-1)
+        assert torch.allclose(flat, oracle, atol=1e-5), layer
+
+
+def test_unpatch_restores_exactly(qbatch):
+    for family in FAMILIES:
+        model = tiny_qwen_vl(family, seed=4)
+        inputs = qbatch[3]
+        with torch.no_grad():
+            ref = model(**inputs).logits
+        hooks, attributes = hook_count(model), instance_attributes(model)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            handle = vtc.patch(model, "vtc_cls", keep=0.25)
+            assert hook_count(model) > hooks
+            assert model(**inputs).logits.shape != ref.shape
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            handle.unpatch()
+            after = model(**inputs).logits
+        assert torch.equal(after, ref)
+        assert hook_count(model) == hooks
+        assert instance_attributes(model) == attributes
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        vtc.patch(model, "fastv").unpatch()
+
+
+def test_text_only_passes_through(models, qprocessor):
+    model = models["qwen2_5_vl"]
+    inputs = qwen_inputs(qprocessor, ["Where is the small object?", "How many?"])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        with vtc.patched(model, "vtc_cls", keep=0.25) as handle:
+            assert torch.equal(model(**inputs).logits, ref)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), ref_gen)
+            assert "text-only" in str(handle.report())
+
+
+def test_bad_inputs_fail_clearly(qprocessor, qbatch):
+    model = tiny_qwen_vl("qwen2_vl", seed=5)
+    video_only = qwen_inputs(qprocessor, ["What happens?"], [[]], [[make_video(1)]])
+    with torch.no_grad():
+        # vision features computed before patching: the [CLS] surrogate cannot be read
+        features = {
+            "video": model.model.get_video_features(video_only["pixel_values_videos"], video_only["video_grid_thw"])
+        }
+        rest = {k: v for k, v in video_only.items() if k != "pixel_values_videos"}
+        with vtc.patched(model, "vtc_cls", keep=0.5):
+            with pytest.raises(RuntimeError, match="pass pixel values"):
+                model(**rest, mm_encoder_outputs=features)
+        with vtc.patched(model, "fastv", keep=0.5):  # no vision probe needed: works
+            model(**rest, mm_encoder_outputs=features)
+        model.config.__dict__["video_token_id"] = None  # a model without a video path (bypasses validation)
+        with vtc.patched(model, "fastv", keep=0.5):
+            with pytest.raises(ValueError, match="no video token"):
+                model(**video_only)
+    assert "forward" not in vars(model.model.language_model)

@@ -1,0 +1,443 @@
+"""lmms-eval model plug-in: evaluate a HuggingFace VLM with a vtc strategy installed.
+
+    lmms-eval --model vtc \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,strategy=fastv,keep=0.25,layer=3 \\
+        --tasks mme --batch_size 4 --output_path out/lmms
+
+`--model_args` (comma separated key=value; ints, floats, true/false and none are parsed):
+
+    pretrained          a HF hub id or local checkpoint of a model family vtc supports (`vtc.supported_models()`),
+                        loaded with the class its config names (else AutoModelForImageTextToText); or an offline
+                        tiny model: `vtc-tiny` (random weights, `vtc.testing.tiny_llava`), `vtc-tiny-vlm` (the
+                        tiny LLaVA trained on `vtc.data`, `vtc.testing.load_tiny_vlm`)
+    strategy            a name from `vtc.list_strategies()`; absent: the model runs unpatched (baseline);
+                        `none`: patched without compression (reports the visual tokens, FLOPs ratio 1)
+    keep                fraction (float in (0, 1]) or count (int) of each image's visual tokens kept
+    kv, kv_budget       a decode-time KV-cache policy (`vtc.kv.list_policies()`) and its budget
+    kv_options          the policy's options as JSON, e.g. kv_options='{"window":16}'
+    device              default cuda when available, else cpu; `device_map` (e.g. auto) is passed to from_pretrained
+    dtype               auto (default), float32, float16 or bfloat16
+    attn_implementation sdpa (default) or eager: vtc's decoder loop supports these two
+    batch_size          requests per forward (left padding); lmms-eval's --batch_size sets it too
+    max_new_tokens      when a task's generation_kwargs do not say (default 256)
+    use_chat_template   wrap each question in the processor's chat template (default true)
+    system_prompt       a system message (or a file holding one) put before each question
+    revision, trust_remote_code   passed to from_pretrained
+    anything else       a strategy option, e.g. layer=3 for fastv, queries=text, mode=row for fopru
+
+vtc's report is averaged over the requests of each lmms-eval call and lands in the results file under
+"throughput" as `avg_vtc_visual_in`, `avg_vtc_visual_pre_llm`, `avg_vtc_visual_kept` (visual tokens per sample at
+the last decoder layer), `avg_vtc_keep_ratio` and `avg_vtc_flops_ratio` (estimated LLM prefill FLOPs vs the
+unpatched model); `VTCModel.vtc_summary()` gives the same numbers from Python.
+
+Without the entry point (vtc not pip-installed, only on PYTHONPATH): `python -m vtc.integrations.lmms_eval ...`
+takes the same arguments as `lmms-eval`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.model import lmms
+from loguru import logger as eval_logger
+from PIL import Image
+from tqdm import tqdm
+
+import vtc
+
+TINY_MODELS = ("vtc-tiny", "vtc-tiny-vlm")
+_MAX_ROUNDS = 32  # generate_until_multi_round stops here even when the task never signals the end
+
+
+def parse_value(value):
+    """A `--model_args` value: "true"/"false" -> bool, "none" -> None, "3" -> 3, "0.25" -> 0.25, a JSON object
+    or list -> its value, else the string. Values lmms-eval already parsed pass through."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    lower = text.lower()
+    if lower in ("true", "false"):
+        return lower == "true"
+    if lower in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text[:1] in "{[" and text[-1:] in "}]":
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load_model(pretrained: str, *, device: str, dtype="auto", attn_implementation="sdpa", device_map=None, **kw):
+    """(model, processor) for a hub id, a local checkpoint or one of TINY_MODELS; model in eval mode on `device`."""
+    if pretrained == "vtc-tiny":
+        from vtc.testing import tiny_llava, tiny_llava_processor
+
+        model, processor = tiny_llava(attn_implementation=attn_implementation), tiny_llava_processor()
+    elif pretrained == "vtc-tiny-vlm":
+        from vtc.testing import load_tiny_vlm
+
+        model, processor = load_tiny_vlm()
+        model.set_attn_implementation(attn_implementation)
+    else:
+        import transformers
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        common = {k: v for k, v in kw.items() if k in ("revision", "trust_remote_code") and v is not None}
+        config = AutoConfig.from_pretrained(pretrained, **common)
+        names = [a for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)]
+        cls = getattr(transformers, names[0]) if names else AutoModelForImageTextToText
+        torch_dtype = dtype if dtype in (None, "auto") else getattr(torch, str(dtype))
+        load = dict(common, dtype=torch_dtype, attn_implementation=attn_implementation)
+        if device_map is not None:
+            load["device_map"] = device_map
+        model = cls.from_pretrained(pretrained, **load)
+        processor = AutoProcessor.from_pretrained(pretrained, **common)
+    if device_map is None:
+        model = model.to(device)
+    if dtype not in (None, "auto") and pretrained in TINY_MODELS:
+        model = model.to(getattr(torch, str(dtype)))
+    return model.eval(), processor
+
+
+class VTCModel(lmms):
+    """A HF VLM (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, ... : `vtc.supported_models()`) with a vtc
+    strategy installed. See the module docstring for the arguments."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str = "vtc-tiny",
+        strategy: str | None = None,
+        keep: float | int | None = None,
+        kv: str | None = None,
+        kv_budget: int | None = None,
+        kv_options: dict | str | None = None,
+        device: str | None = None,
+        device_map: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str = "sdpa",
+        batch_size: int | str = 1,
+        max_new_tokens: int = 256,
+        use_chat_template: bool = True,
+        system_prompt: str | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        max_batch_size: int | None = None,  # lmms-eval passes these to every model; not used
+        **strategy_options,
+    ) -> None:
+        super().__init__()
+        strategy_options = {k: parse_value(v) for k, v in strategy_options.items()}
+        keep, kv_budget, kv_options = parse_value(keep), parse_value(kv_budget), parse_value(kv_options)
+        if device in (None, "", "auto"):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        batch_size = parse_value(batch_size)
+        if not isinstance(batch_size, int):
+            eval_logger.warning(f"vtc: batch_size={batch_size!r} is not an int; using 1")
+            batch_size = 1
+        self.batch_size_per_gpu = max(1, batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.use_chat_template = bool(parse_value(use_chat_template))
+        self.system_prompt = self._resolve_system_prompt(system_prompt) if system_prompt else None
+        self.model, self.processor = load_model(
+            str(pretrained),
+            device=device,
+            dtype=parse_value(dtype),
+            attn_implementation=attn_implementation,
+            device_map=device_map,
+            revision=revision,
+            trust_remote_code=bool(parse_value(trust_remote_code)),
+        )
+        self._device = next(self.model.parameters()).device  # with device_map: where the inputs go
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.strategy = parse_value(strategy)
+        self.handle = None
+        if self.strategy is not None or kv is not None:
+            self.handle = vtc.patch(
+                self.model,
+                self.strategy,
+                keep,
+                kv=kv,
+                kv_budget=kv_budget,
+                kv_options=kv_options,
+                **strategy_options,
+            )
+            eval_logger.info(f"vtc: {self.handle!r}")
+        elif strategy_options or keep is not None:
+            raise ValueError(f"keep/strategy options {sorted(strategy_options) or ['keep']} given without a strategy")
+        self._totals = _Totals()
+
+    # --- what lmms-eval reads -------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def vtc_summary(self) -> dict:
+        """Means over every sample run so far: visual tokens in, after the pre-LLM stage, at the last decoder
+        layer (kept), their ratio, and the estimated LLM prefill FLOPs vs the unpatched model."""
+        return self._totals.summary()
+
+    # --- prompts and inputs ---------------------------------------------------------------------------
+    def _prompt(self, context: str, n_images: int) -> str:
+        context = context.replace("<image>", "").strip() if n_images else context
+        chat = self.use_chat_template and getattr(self.processor, "chat_template", None)
+        if not chat:
+            token = getattr(self.processor, "image_token", "<image>")
+            return "".join(f"{token}\n" for _ in range(n_images)) + context
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
+        messages = [{"role": "user", "content": content}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _visuals(self, doc_to_visual, doc_id, task, split) -> list[Image.Image]:
+        if doc_to_visual is None:
+            return []
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+        if not isinstance(visuals, (list, tuple)):
+            visuals = [visuals]
+        images = []
+        for visual in _flatten(visuals):
+            if isinstance(visual, Image.Image):
+                images.append(visual.convert("RGB"))
+            elif isinstance(visual, (str, Path)) and Path(visual).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+                with Image.open(visual) as opened:
+                    images.append(opened.convert("RGB"))
+            else:
+                raise NotImplementedError(f"the vtc plug-in takes images only, got {type(visual).__name__}: {visual!r}")
+        return images
+
+    def _inputs(self, texts: list[str], images: list[list[Image.Image]]):
+        flat = [im for per_sample in images for im in per_sample]
+        kwargs = {"images": flat} if flat else {}
+        batch = self.processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in batch.items()}
+
+    def _record(self, n: int, started: float, gen_tokens: int = 0) -> None:
+        self._totals.seconds += time.perf_counter() - started
+        self._totals.requests += n
+        self._totals.gen_tokens += gen_tokens
+        if self.handle is not None:
+            self._totals.add(self.handle.report())
+
+    # --- lmms-eval API --------------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Greedy or sampled generation, batched by identical generation kwargs, longest prompts first."""
+        start = self._totals.snapshot()
+        prepared = []
+        for index, request in enumerate(requests):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args[:6]
+            images = self._visuals(doc_to_visual, doc_id, task, split)
+            prepared.append((index, self._prompt(context, len(images)), images, dict(gen_kwargs or {})))
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list] = {}
+        for item in prepared:
+            groups.setdefault(json.dumps(item[3], sort_keys=True, default=str), []).append(item)
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="vtc generate")
+        for items in groups.values():
+            items.sort(key=lambda item: -len(item[1]))
+            for i in range(0, len(items), self.batch_size):
+                chunk = items[i : i + self.batch_size]
+                texts = self._generate([c[1] for c in chunk], [c[2] for c in chunk], chunk[0][3])
+                for (index, *_), text in zip(chunk, texts):
+                    results[index] = text
+                    self.cache_hook.add_partial("generate_until", requests[index].args[:2], text)
+                bar.update(len(chunk))
+        bar.close()
+        self._log(start)
+        return results
+
+    def _generate(self, prompts: list[str], images: list[list[Image.Image]], gen_kwargs: dict) -> list[str]:
+        started = time.perf_counter()
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        temperature = float(gen_kwargs.get("temperature", 0) or 0)
+        do_sample = bool(gen_kwargs.get("do_sample", False)) or temperature > 0
+        kwargs = dict(
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+            do_sample=do_sample,
+            num_beams=int(gen_kwargs.get("num_beams", 1) or 1),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if do_sample:
+            kwargs["temperature"] = temperature or 1.0
+            if gen_kwargs.get("top_p") is not None:
+                kwargs["top_p"] = float(gen_kwargs["top_p"])
+        inputs = self._inputs(prompts, images)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **kwargs)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        cut = []
+        for text in texts:
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            cut.append(text.strip())
+        pad = self.tokenizer.pad_token_id
+        self._record(len(prompts), started, int((new != pad).sum()) if pad is not None else new.numel())
+        return cut
+
+    def loglikelihood(self, requests: list[Instance]) -> list:
+        """Per request (context, continuation): (the mean negative log-likelihood of the continuation's tokens,
+        whether greedy decoding would produce them). A loss, as lmms-eval's HF models return: its multiple-choice
+        scoring takes the argmin. One forward of prompt + continuation per request, batched.
+
+        Each pair is wrapped in a `GenerationResult`: lmms-eval 0.7.3's evaluator passes every response through
+        `unwrap_generation_output`, which turns a bare (float, bool) tuple into its string; the wrapper's `text`
+        is handed on as is."""
+        start = self._totals.snapshot()
+        prepared = []
+        for request in requests:
+            context, continuation, doc_to_visual, doc_id, task, split = request.args[:6]
+            images = self._visuals(doc_to_visual, doc_id, task, split)
+            if callable(continuation):
+                continuation = continuation(self.task_dict[task][split][doc_id])
+            prompt = self._prompt(context, len(images))
+            n_prompt = len(self.tokenizer(prompt)["input_ids"])
+            n_cont = max(1, len(self.tokenizer(prompt + str(continuation))["input_ids"]) - n_prompt)
+            prepared.append((prompt + str(continuation), images, n_cont))
+        results = []
+        for i in tqdm(range(0, len(prepared), self.batch_size), disable=self.rank != 0, desc="vtc loglikelihood"):
+            chunk = prepared[i : i + self.batch_size]
+            started = time.perf_counter()
+            inputs = self._inputs([c[0] for c in chunk], [c[1] for c in chunk])
+            with torch.inference_mode():
+                logits = self.model(**inputs).logits.float()
+            # left padding: every row ends with its continuation (a vtc-patched forward drops visual rows only,
+            # so the last rows are still the text's last positions)
+            for row, (_, _, n) in enumerate(chunk):
+                targets = inputs["input_ids"][row, -n:]
+                scores = torch.log_softmax(logits[row, -n - 1 : -1], dim=-1)
+                nll = -scores.gather(-1, targets[:, None]).mean()
+                greedy = bool((scores.argmax(-1) == targets).all())
+                results.append(GenerationResult(text=(float(nll), greedy)))
+            self._record(len(chunk), started)
+        self._log(start)
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """One request at a time: round 0 answers the context; the task's doc_to_text(doc, previous_output=...,
+        round_idx=..., previous_round_info=...) gives (visuals, text, done, round outputs, info) for the next."""
+        start = self._totals.snapshot()
+        results = []
+        for request in tqdm(requests, disable=self.rank != 0, desc="vtc multi-round"):
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args[:7]
+            doc = self.task_dict[task][split][doc_id]
+            images = self._visuals(doc_to_visual, doc_id, task, split)
+            rounds: list[str] = []
+            info = None
+            for round_idx in range(_MAX_ROUNDS):
+                if round_idx:
+                    visuals, context, done, rounds, info = doc_to_text(
+                        doc, previous_output=rounds, round_idx=round_idx, previous_round_info=info
+                    )
+                    rounds = list(rounds)
+                    if done:
+                        break
+                    images = [v.convert("RGB") for v in _flatten(visuals or []) if isinstance(v, Image.Image)]
+                rounds += self._generate([self._prompt(context, len(images))], [images], dict(gen_kwargs or {}))
+            results.append(rounds)
+        self._log(start)
+        return results
+
+    def _log(self, start: dict) -> None:
+        """Throughput and vtc's numbers for the requests of this call, into lmms-eval's results ("throughput")."""
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+        delta = self._totals.since(start)
+        extra = {k: v for k, v in delta.items() if k.startswith("vtc_") and k != "vtc_samples"}
+        seconds, tokens = delta["seconds"], delta["gen_tokens"]
+        log_metrics(
+            total_elapsed_time=seconds,
+            total_gen_tokens=tokens,
+            avg_speed=tokens / seconds if seconds > 0 else 0.0,
+            additional_metrics=dict(extra, total_requests=delta["requests"]),
+        )
+        if extra:
+            eval_logger.info("vtc report: " + ", ".join(f"{k}={v:.4g}" for k, v in extra.items()))
+
+
+class _Totals:
+    """Running sums of vtc's per-sample report (samples with visual tokens only)."""
+
+    FIELDS = ("visual_in", "visual_pre_llm", "visual_kept", "flops_ratio")
+
+    def __init__(self) -> None:
+        self.seconds, self.requests, self.gen_tokens, self.samples = 0.0, 0, 0, 0
+        self.sums = dict.fromkeys(self.FIELDS, 0.0)
+
+    def add(self, report) -> None:
+        for s in report.samples:
+            if not s.visual_in:
+                continue
+            self.samples += 1
+            self.sums["visual_in"] += s.visual_in
+            self.sums["visual_pre_llm"] += s.visual_after_pre_llm
+            self.sums["visual_kept"] += s.visual_per_layer[-1] if s.visual_per_layer else 0
+            self.sums["flops_ratio"] += s.flops_ratio
+
+    def snapshot(self) -> dict:
+        return {"seconds": self.seconds, "requests": self.requests, "gen_tokens": self.gen_tokens,
+                "samples": self.samples, **self.sums}  # fmt: skip
+
+    def since(self, start: dict) -> dict:
+        now = self.snapshot()
+        delta = {k: now[k] - start[k] for k in now}
+        return {**delta, **_means(delta)}
+
+    def summary(self) -> dict:
+        return _means(self.snapshot())
+
+
+def _means(sums: dict) -> dict:
+    n = sums["samples"]
+    if not n:
+        return {}
+    out = {f"vtc_{k}": sums[k] / n for k in _Totals.FIELDS}
+    out["vtc_keep_ratio"] = sums["visual_kept"] / sums["visual_in"] if sums["visual_in"] else 1.0
+    out["vtc_samples"] = n
+    return out
+
+
+def _flatten(items):
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+def main() -> None:
+    """`python -m vtc.integrations.lmms_eval ARGS` = `lmms-eval ARGS` with the plug-in registered by hand."""
+    from lmms_eval.cli.dispatch import main as lmms_eval_main
+
+    from vtc.integrations import register_with_lmms_eval
+
+    register_with_lmms_eval()
+    lmms_eval_main()
+
+
+if __name__ == "__main__":
+    main()

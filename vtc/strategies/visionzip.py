@@ -1,0 +1,129 @@
+"""VisionZip: keep the dominant tokens by [CLS] attention, merge the rest into a few contextual tokens.
+
+Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR 2025
+(github.com/dvlab-research/VisionZip). As in the official code (visionzip/clip_encoder.py, lines 43-83,
+`CLIPVisionTower_VisionZip.forward`; visionzip/utils.py line 89 for the metric):
+
+- Attention and metric come from the encoder layer whose output feeds the projector (`attentions[-2]`,
+  `layers[-2].metric` for LLaVA-1.5: layer 22 of 24, our `feature_layer`).
+- Dominant tokens: the patches with the largest [CLS] attention summed over heads (`cls_attention.sum(1)`,
+  the [CLS] column excluded), kept in raster order.
+- Contextual tokens: the remaining R tokens' metric is the layer's KEYS averaged over heads
+  (`raw_key_states.mean(1)`), L2-normalised; targets sit at a uniform stride among the remaining tokens
+  (`step = max(1, R // contextual)`, `arange(0, R, step)[:contextual]`); every other remaining token joins
+  the target of highest cosine similarity (argmax, ties to the lower target).
+- Official default for 64 tokens: `visionzip(model, dominant=54, contextual=10)` (README), i.e. 53 patches +
+  the [CLS] state + 10 contextual tokens. Other budgets keep the same ratio: contextual = round(k * 10 / 64)
+  (192 -> 30, 128 -> 20, 64 -> 10: the official settings), dominant = k - contextual.
+
+Our choices (documented deviations):
+
+- LLaVA-HF's "default" feature select drops the [CLS] state before the projector, so there is no [CLS]
+  token to keep: its slot goes to one more dominant patch (64 = 54 dominant patches + 10 contextual).
+- The official code merges the vision tower's hidden states *before* the projector; a pre-LLM strategy sees
+  the projected features, so we merge those (the projector is non-linear, so this is not identical).
+- Merge rule: `merge="mean"` (default) gives each contextual token the average of its target and every
+  token assigned to it, the paper's "merged by averaging"; `merge="official"` reproduces the official
+  formula `target + mean(assigned)` (lines 75-80), which doubles the magnitude of a merged token.
+- Positions: the official code appends the contextual tokens after the dominant ones (consecutive
+  positions); here each contextual token takes its target's original position, so kept and merged tokens
+  stay in raster order at their original positions.
+- If the strategy sees fewer tokens than the budget needs (e.g. keep=1.0), nothing is merged.
+
+The keys probe: the adapter's "keys" vision probe (keys of the feature layer averaged over heads, tokens
+last), read from `visual.vision["keys"]`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .base import Strategy, VisualTokens, register_strategy, top_k_sorted
+
+
+def split_budget(k: int, contextual: int | None = None) -> tuple[int, int]:
+    """(dominant, contextual) for a budget of k tokens: contextual = round(k * 10 / 64) unless given."""
+    c = round(k * 10 / 64) if contextual is None else int(contextual)
+    c = max(0, min(c, k - 1)) if k > 1 else 0
+    return k - c, c
+
+
+def contextual_merge(
+    features: torch.Tensor, metric: torch.Tensor, contextual: int, merge: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual tokens among R remaining tokens.
+
+    features (I, R, D), metric (I, R, C). Returns (target indices (c,) into the R tokens, merged (I, c, D))."""
+    _, r, _ = features.shape
+    device = features.device
+    step = max(1, r // contextual)
+    targets = torch.arange(0, r, step, device=device)[:contextual]
+    is_target = torch.zeros(r, dtype=torch.bool, device=device)
+    is_target[targets] = True
+    others = (~is_target).nonzero().squeeze(1)
+    sim = ops.pairwise_cosine(metric[:, others], metric[:, targets])  # (I, R - c, c)
+    assign = torch.nn.functional.one_hot(sim.argmax(dim=-1), targets.numel()).float()  # (I, R - c, c)
+    summed = assign.transpose(1, 2) @ features[:, others].float()  # (I, c, D)
+    counts = assign.sum(dim=1)[..., None]  # (I, c, 1)
+    target_features = features[:, targets].float()
+    if merge == "official":
+        merged = target_features + summed / counts.clamp(min=1)
+    else:
+        merged = (target_features + summed) / (counts + 1)
+    return targets, merged.to(features.dtype)
+
+
+@register_strategy
+class VisionZip(Strategy):
+    name = "visionzip"
+    aliases = ("vision_zip",)
+    stage = "pre_llm"
+    paper = "Yang et al., CVPR 2025, arXiv:2412.04467"
+    default_keep = 64 / 576
+
+    def __init__(
+        self, keep: float | int = 64 / 576, contextual: int | None = None, merge: str = "mean", layer: int | None = None
+    ):
+        super().__init__(keep)
+        if merge not in ("mean", "official"):
+            raise ValueError("merge must be 'mean' (average of a target and its tokens) or 'official'")
+        self.contextual = contextual
+        self.merge = merge
+        self.layer = layer
+
+    def vision_probes(self, num_layers: int, feature_layer: int) -> dict[str, list[int]]:
+        layer = feature_layer if self.layer is None else self.layer
+        return {"cls": [layer], "keys": [layer]}
+
+    def describe(self) -> str:
+        return f"visionzip(keep={self.keep}, merge={self.merge})"
+
+    def select(self, visual: VisualTokens):
+        n, k = visual.num_tokens, visual.budget
+        device = visual.features.device
+        if k >= n:
+            return torch.arange(n, device=device).expand(visual.num_images, -1)
+        (cls,) = visual.cls_attention.values()  # (I, heads, N)
+        dominant_k, contextual_k = split_budget(k, self.contextual)
+        dominant = top_k_sorted(cls.sum(dim=1), dominant_k)  # (I, d)
+        if contextual_k == 0:
+            return dominant
+        (keys,) = visual.vision["keys"].values()
+        metric = keys.transpose(1, 2)  # (I, N, head_dim): keys averaged over heads
+        rest_mask = torch.ones(visual.num_images, n, dtype=torch.bool, device=device)
+        rest_mask.scatter_(1, dominant, False)
+        rest = torch.arange(n, device=device).expand(visual.num_images, -1)[rest_mask].view(visual.num_images, -1)
+        gather = rest[..., None]
+        targets, merged = contextual_merge(
+            visual.features.gather(1, gather.expand(-1, -1, visual.features.shape[-1])),
+            metric.gather(1, gather.expand(-1, -1, metric.shape[-1])),
+            contextual_k,
+            self.merge,
+        )
+        index = torch.cat([dominant, rest[:, targets]], dim=1)
+        features = torch.cat(
+            [visual.features.gather(1, dominant[..., None].expand(-1, -1, merged.shape[-1])), merged], 1
+        )
+        order = index.argsort(dim=1)
+        return index.gather(1, order), features.gather(1, order[..., None].expand(-1, -1, features.shape[-1]))

@@ -1,0 +1,245 @@
+"""Tiny Qwen2-VL / Qwen2.5-VL models and an offline processor, for tests and demos.
+
+Everything is built offline: real transformers classes with random weights, a BPE tokenizer trained on a
+few sentences with the `tokenizers` package, the Qwen2-VL image processor (PIL backend) made from its
+config. Videos are small generated frame stacks, patchified here the way Qwen2-VL's video processor does
+(pairs of frames form one temporal patch); its own video processor needs torchvision, which must not be
+installed beside the CPU torch (DESIGN.md, section 7).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .testing import _CORPUS, make_image
+
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+QWEN_SPECIAL_TOKENS = [
+    "<unk>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    VISION_START,
+    VISION_END,
+    IMAGE_PAD,
+    VIDEO_PAD,
+]
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+PATCH, MERGE, TEMPORAL = 14, 2, 2
+
+
+@functools.cache
+def _qwen_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=[chr(c) for c in range(32, 127)],
+        show_progress=False,
+    )
+    tok.train_from_iterator([*_CORPUS, "user assistant system video frame"], trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_qwen_tokenizer():
+    """A BPE tokenizer with Qwen2-VL's special tokens (<|image_pad|>, <|video_pad|>, ...), left padding."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_qwen_tokenizer_json()),
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        padding_side="left",
+    )
+
+
+def tiny_qwen_vl_config(
+    family: str = "qwen2_vl",
+    *,
+    vision_layers: int = 4,
+    vision_hidden: int = 32,
+    text_layers: int = 4,
+    text_hidden: int = 64,
+    window_size: int = 56,
+    fullatt_block_indexes: tuple[int, ...] = (1, 3),
+    initializer_range: float = 0.1,
+):
+    """Config of a tiny Qwen2-VL (`family="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`, window attention in the
+    vision blocks not listed in `fullatt_block_indexes`; a window is `window_size` px = 2x2 merged tokens)."""
+    tok = tiny_qwen_tokenizer()
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in [("image", IMAGE_PAD), ("video", VIDEO_PAD)]}
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 2,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=initializer_range,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    common = dict(
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=tok.convert_tokens_to_ids(VISION_START),
+        vision_end_token_id=tok.convert_tokens_to_ids(VISION_END),
+    )
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+
+        vision = dict(
+            depth=vision_layers,
+            embed_dim=vision_hidden,
+            hidden_size=text_hidden,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=TEMPORAL,
+            initializer_range=initializer_range,
+        )
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        vision = dict(
+            depth=vision_layers,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            out_hidden_size=text_hidden,
+            num_heads=4,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=TEMPORAL,
+            window_size=window_size,
+            fullatt_block_indexes=list(fullatt_block_indexes),
+            tokens_per_second=2,
+            initializer_range=initializer_range,
+        )
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(QWEN_FAMILIES)}")
+
+
+def tiny_qwen_vl(family: str = "qwen2_vl", *, seed: int = 0, attn_implementation: str = "sdpa", **config_kwargs):
+    """A tiny random-weight `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` (fp32, eval)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = tiny_qwen_vl_config(family, **config_kwargs)
+    cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    return cls._from_config(config, attn_implementation=attn_implementation).eval()
+
+
+class TinyQwenVLProcessor:
+    """Offline stand-in for `Qwen2VLProcessor`: tokenizer + Qwen2-VL image processor (PIL backend) + a frame-stack
+    video path. `__call__(text=[...], images=[...], videos=[...])` expands each <|image_pad|> / <|video_pad|>
+    into grid_t * grid_h * grid_w / 4 tokens and returns input_ids, attention_mask, mm_token_type_ids,
+    pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw (as HF's processor does)."""
+
+    def __init__(self, min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 16):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer = tiny_qwen_tokenizer()
+        self.image_processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            patch_size=PATCH,
+            merge_size=MERGE,
+            temporal_patch_size=TEMPORAL,
+        )
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+
+    def prompt(self, question: str, n_images: int = 0, n_videos: int = 0) -> str:
+        vision = (
+            f"{VISION_START}{IMAGE_PAD}{VISION_END}" * n_images + f"{VISION_START}{VIDEO_PAD}{VISION_END}" * n_videos
+        )
+        return f"<|im_start|>user\n{vision}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+    def _video(self, frames: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
+        if len(frames) % TEMPORAL:
+            frames = frames + frames[-1:] * (TEMPORAL - len(frames) % TEMPORAL)
+        out = self.image_processor(images=frames, return_tensors="pt")
+        grids = out["image_grid_thw"]
+        if not (grids == grids[0]).all():
+            raise ValueError("all frames of a video must have the same size")
+        _, gh, gw = grids[0].tolist()
+        n = gh * gw
+        # each frame's patches hold the frame twice along the temporal axis: keep one copy, pair the frames
+        patches = out["pixel_values"].view(len(frames), n, 3, TEMPORAL, PATCH, PATCH)[:, :, :, 0]
+        patches = patches.view(len(frames) // TEMPORAL, TEMPORAL, n, 3, PATCH, PATCH).permute(0, 2, 3, 1, 4, 5)
+        return patches.reshape(-1, 3 * TEMPORAL * PATCH * PATCH), [len(frames) // TEMPORAL, gh, gw]
+
+    def __call__(self, text: list[str], images: list | None = None, videos: list | None = None, padding=True, **_):
+        data: dict = {}
+        image_tokens, video_tokens = [], []
+        if images:
+            out = self.image_processor(images=images, return_tensors="pt")
+            data["pixel_values"], data["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
+            image_tokens = (out["image_grid_thw"].prod(-1) // MERGE**2).tolist()
+        if videos:
+            pixels, grids = zip(*(self._video(list(v)) for v in videos))
+            data["pixel_values_videos"] = torch.cat(pixels)
+            data["video_grid_thw"] = torch.tensor(grids)
+            video_tokens = [t * h * w // MERGE**2 for t, h, w in grids]
+        expanded = []
+        for sample in text:
+            parts, out = sample.split(IMAGE_PAD), []
+            for i, part in enumerate(parts):
+                if i:
+                    out.append(IMAGE_PAD * image_tokens.pop(0))
+                out.append(part)
+            parts, sample = "".join(out).split(VIDEO_PAD), []
+            for i, part in enumerate(parts):
+                if i:
+                    sample.append(VIDEO_PAD * video_tokens.pop(0))
+                sample.append(part)
+            expanded.append("".join(sample))
+        if image_tokens or video_tokens:
+            raise ValueError("more images/videos than <|image_pad|>/<|video_pad|> placeholders in the text")
+        enc = self.tokenizer(expanded, return_tensors="pt", padding=padding)
+        ids = enc["input_ids"]
+        types = torch.zeros_like(ids)
+        types[ids == self.image_token_id] = 1
+        types[ids == self.video_token_id] = 2
+        return {"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": types, **data}
+
+    def batch_decode(self, ids, **kwargs):
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+
+def tiny_qwen_processor(**kwargs) -> TinyQwenVLProcessor:
+    return TinyQwenVLProcessor(**kwargs)
+
+
+def make_video(seed: int = 0, frames: int = 4, size: tuple[int, int] = (56, 84)) -> list[Image.Image]:
+    """A short clip: a synthetic picture whose shapes drift a few pixels per frame (PIL frames, (h, w))."""
+    base = np.asarray(make_image(seed, size=max(size) + 4 * frames))
+    h, w = size
+    return [Image.fromarray(base[2 * f : 2 * f + h, 3 * f : 3 * f + w].copy()) for f in range(frames)]
+
+
+def qwen_inputs(processor: TinyQwenVLProcessor, questions: list[str], images=None, videos=None) -> dict:
+    """Batch of chat prompts (left padded). images[i] / videos[i] list sample i's images / videos (may be empty);
+    each sample shows its images first, then its videos, then the question."""
+    texts, flat_images, flat_videos = [], [], []
+    for i, q in enumerate(questions):
+        imgs = images[i] if images is not None else []
+        vids = videos[i] if videos is not None else []
+        texts.append(processor.prompt(q, len(imgs), len(vids)))
+        flat_images.extend(imgs)
+        flat_videos.extend(vids)
+    return processor(text=texts, images=flat_images or None, videos=flat_videos or None)
