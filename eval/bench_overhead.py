@@ -149,9 +149,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--keep", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     parser.add_argument("--strategies", nargs="+", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default="eval/results/overhead_cpu.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args.quick, args.keep, args.strategies, args.repeats)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

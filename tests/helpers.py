@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import vtc
+
 
 def full_embeds(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """inputs_embeds with image features scattered in, as the unpatched LlavaModel builds them."""
@@ -80,3 +82,14 @@ def until_eos(tokens: torch.Tensor, eos: int) -> list[list[int]]:
     for row in tokens.tolist():
         out.append(row[: row.index(eos) + 1] if eos in row else row)
     return out
+
+
+def assert_keep_one_is_identity(model, inputs, strategy, **options) -> None:
+    """DESIGN.md invariant: keep=1.0 gives the unpatched logits (max abs diff <= 1e-5 at valid positions)."""
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtc.patched(model, strategy, keep=1.0, **options):
+            out = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    assert out.shape == ref.shape
+    assert (out - ref)[valid].abs().max() <= 1e-5

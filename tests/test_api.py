@@ -19,7 +19,7 @@ def assert_unpatched(model):
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        (dict(strategy="nope"), ValueError, "known strategies: dart, downsample, fastv, fopru, none, random,"),
+        (dict(strategy="nope"), ValueError, "unknown strategy 'nope'; known strategies: "),
         (dict(strategy="fastv", keep=0), ValueError, "pass a fraction in (0, 1]"),
         (dict(strategy="fastv", keep=0.0), ValueError, "must lie in (0, 1]"),
         (dict(strategy="fastv", keep=1.5), ValueError, "must lie in (0, 1]"),
@@ -40,11 +40,31 @@ def test_bad_input_fails_early_and_leaves_model_unpatched(llava, kwargs, error, 
     with pytest.raises(error) as info:
         vtc.patch(llava, **kwargs)
     assert message in str(info.value)
+    if "known strategies" in message:
+        assert ", ".join(vtc.list_strategies()) in str(info.value)
     assert hook_count(llava) == hooks
     assert_unpatched(llava)
 
 
 def test_unsupported_model_lists_supported_ones():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    model = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+    )
+    with pytest.raises(TypeError, match="no adapter for CLIPVisionModel; supported model classes: .*LlavaForCond"):
+        vtc.patch(model, "fastv")
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_visual_strategy_on_a_text_only_llm_names_the_fix():
     model = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=32,
@@ -55,7 +75,7 @@ def test_unsupported_model_lists_supported_ones():
             num_key_value_heads=1,
         )
     )
-    with pytest.raises(TypeError, match="no adapter for LlamaForCausalLM; supported model classes: .*LlavaForCond"):
+    with pytest.raises(ValueError, match="text-only language model.*kv='streaming'"):
         vtc.patch(model, "fastv")
     assert "forward" not in vars(model.model)
 

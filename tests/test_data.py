@@ -31,7 +31,12 @@ def test_same_seed_same_samples():
     for x, y in zip(a, b):
         assert _digest(x["image"]) == _digest(y["image"])
         assert (x["question"], x["answer"], x["kind"], x["small"], x["objects"]) == (
-            y["question"], y["answer"], y["kind"], y["small"], y["objects"])
+            y["question"],
+            y["answer"],
+            y["kind"],
+            y["small"],
+            y["objects"],
+        )
     # sample i does not depend on n; another seed gives other pictures
     assert _digest(data.make_scene_qa(2, seed=3)[1]["image"]) == _digest(a[1]["image"])
     assert _digest(data.make_scene_qa(1, seed=4)[0]["image"]) != _digest(a[0]["image"])
@@ -58,7 +63,7 @@ def test_objects_are_drawn_where_the_ground_truth_says(samples):
             colour = np.array(data.COLOURS[o["colour"]])
             assert np.abs(pixels[o["y"], o["x"]] - colour).max() <= 12
         for k, a in enumerate(s["objects"]):  # bounding boxes never overlap
-            for b in s["objects"][k + 1:]:
+            for b in s["objects"][k + 1 :]:
                 reach = (data.SIZES[a["size"]] + data.SIZES[b["size"]]) // 2
                 assert abs(a["x"] - b["x"]) >= reach or abs(a["y"] - b["y"]) >= reach
 
@@ -105,8 +110,11 @@ def test_heldout_split_is_disjoint_from_training():
         data.train_seed(data.HELDOUT_SEED)
     heldout = {_digest(s["image"]) for s in data.make_scene_qa(20, data.HELDOUT_SEED)}
     # the training script draws picture i of batch `step` from default_rng((train_seed(step), i))
-    train = {_digest(data.render_scene(np.random.default_rng((data.train_seed(step), i)))[0])
-             for step in range(3) for i in range(8)}
+    train = {
+        _digest(data.render_scene(np.random.default_rng((data.train_seed(step), i)))[0])
+        for step in range(3)
+        for i in range(8)
+    }
     assert len(heldout) == 20 and not heldout & train
 
 
@@ -139,6 +147,6 @@ def test_tiny_vlm_loads_offline_and_answers(monkeypatch):
     inputs = processor(images=[s["image"] for s in samples], text=texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    words = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    words = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     correct = sum(w.split()[:1] == [s["answer"]] for w, s in zip(words, samples))
     assert correct >= 13, list(zip(words, [s["answer"] for s in samples]))

@@ -7,6 +7,7 @@ import vtc
 from vtc.testing import llava_inputs, make_image, tiny_llava
 
 from .helpers import (
+    assert_keep_one_is_identity,
     greedy_recompute,
     hook_count,
     instance_attributes,
@@ -27,15 +28,7 @@ def ids(params):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("strategy,options", ALL, ids=ids(ALL))
 def test_keep_one_is_identity(backbone, attn, strategy, options, processor, batch3):
-    model = tiny_llava(backbone, seed=1, attn_implementation=attn)
-    inputs = batch3[2]
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        with vtc.patched(model, strategy, keep=1.0, **options):
-            out = model(**inputs).logits
-    valid = inputs["attention_mask"].bool()
-    assert out.shape == ref.shape
-    assert (out - ref)[valid].abs().max() <= 1e-5
+    assert_keep_one_is_identity(tiny_llava(backbone, seed=1, attn_implementation=attn), batch3[2], strategy, **options)
 
 
 @pytest.mark.parametrize("backbone", ["llama", "qwen2"])

@@ -97,8 +97,12 @@ def oracle_tome(x: torch.Tensor, r: int, size: torch.Tensor, protect_first: bool
     for i in src:
         groups[best[i][1]].append(i)
     keep = sorted(groups)
-    merged = torch.stack([sum(size[t].double() * x[t].double() for t in groups[j]) /
-                          sum(size[t].double() for t in groups[j]) for j in keep])
+    merged = torch.stack(
+        [
+            sum(size[t].double() * x[t].double() for t in groups[j]) / sum(size[t].double() for t in groups[j])
+            for j in keep
+        ]
+    )
     sizes = torch.stack([sum(size[t].double() for t in groups[j]) for j in keep])
     return merged, sizes, keep
 
@@ -128,8 +132,9 @@ def test_pairwise_cosine_reference_vs_oracle():
     x, y = randn((2, 5, 8), 0), randn((2, 4, 8), 1)
     x[1, 2] = 0.0  # zero row -> cosine 0
     sim = ops.pairwise_cosine(x, y, backend="torch")
-    want = torch.tensor([[[cos64(x[b, i], y[b, j]) for j in range(4)] for i in range(5)] for b in range(2)],
-                        dtype=torch.float64)
+    want = torch.tensor(
+        [[[cos64(x[b, i], y[b, j]) for j in range(4)] for i in range(5)] for b in range(2)], dtype=torch.float64
+    )
     assert sim.dtype == torch.float32 and sim.shape == (2, 5, 4)
     torch.testing.assert_close(sim.double(), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(ops.pairwise_cosine(x), ref.pairwise_cosine(x, x))
@@ -165,8 +170,9 @@ def test_kcenter_reference_valid_vs_oracle():
 def test_bipartite_merge_reference_vs_oracle(N, protect_first, r):
     x = randn((2, N, 6), 4)
     size = 1.0 + torch.randint(0, 4, (2, N, 1), generator=torch.Generator().manual_seed(5)).float()
-    merged, out_size, index = ops.bipartite_merge(x, r, size=size, protect_first=protect_first,
-                                                  return_index=True, backend="torch")
+    merged, out_size, index = ops.bipartite_merge(
+        x, r, size=size, protect_first=protect_first, return_index=True, backend="torch"
+    )
     for b in range(2):
         want_x, want_size, want_keep = oracle_tome(x[b], r, size[b], protect_first)
         assert index[b].tolist() == want_keep
@@ -242,8 +248,7 @@ def test_pairwise_cosine_triton(device, B, N, D, dtype):
     if dtype != torch.float32:
         return
     xs = randn((B, 2 * N, D), 22, dtype, device)[:, ::2]  # strided token view
-    torch.testing.assert_close(ops.pairwise_cosine(xs, backend="triton"), ref.pairwise_cosine(xs),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.pairwise_cosine(xs, backend="triton"), ref.pairwise_cosine(xs), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("B,N,D", SHAPES + [(2, 300, 48)])
@@ -303,8 +308,7 @@ def test_bipartite_merge_triton(device, B, N, D, dtype):
     x = randn((B, N, D), 26, dtype, device)
     r = N // 2
     got, size, index = ops.bipartite_merge(x, r, protect_first=True, return_index=True, backend="triton")
-    want, want_size, want_index = ops.bipartite_merge(x, r, protect_first=True, return_index=True,
-                                                      backend="torch")
+    want, want_size, want_index = ops.bipartite_merge(x, r, protect_first=True, return_index=True, backend="torch")
     r_eff = min(r, (N + 1) // 2 - 1)  # protect_first caps r at #A - 1
     assert got.dtype == dtype and got.shape == (B, N - r_eff, D) and size.dtype == torch.float32
     assert torch.equal(index, want_index)
@@ -410,10 +414,14 @@ for dt in ("fp16", "fp32"):
 def test_kernels_compile_for_gpu(tmp_path):
     """Compile every kernel for sm_90 (no GPU needed): catches errors the interpreter lets through."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path),
-           "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "0",
+        "TRITON_CACHE_DIR": str(tmp_path),
+        "TRITON_DEFAULT_FP_FUSION": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    proc = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode == 77:
         pytest.skip("triton.compile API differs in this triton version")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -421,16 +429,18 @@ def test_kernels_compile_for_gpu(tmp_path):
 
 def test_import_without_triton():
     """vtc.ops must import and run its torch path when triton is missing."""
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, vtc.ops as ops\n"
-            "x = torch.randn(1, 6, 4)\n"
-            "assert ops.kcenter(x, 3).shape == (1, 3)\n"
-            "assert ops.bipartite_merge(x, 2)[0].shape == (1, 4, 4)\n"
-            "try:\n"
-            "    ops.kcenter(x, 3, backend='triton')\n"
-            "except RuntimeError as e:\n"
-            "    assert 'not installed' in str(e)\n"
-            "else:\n"
-            "    raise AssertionError('no error')\n")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, vtc.ops as ops\n"
+        "x = torch.randn(1, 6, 4)\n"
+        "assert ops.kcenter(x, 3).shape == (1, 3)\n"
+        "assert ops.bipartite_merge(x, 2)[0].shape == (1, 4, 4)\n"
+        "try:\n"
+        "    ops.kcenter(x, 3, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not installed' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

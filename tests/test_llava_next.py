@@ -17,7 +17,7 @@ from vtc.testing_llava_next import (
     tiny_llava_onevision_processor,
 )
 
-from .helpers import hook_count, instance_attributes, until_eos
+from .helpers import assert_keep_one_is_identity, hook_count, instance_attributes, until_eos
 
 VISION_KEYS = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")
 QUESTIONS = ["What is in the image?", "How many objects are there? Answer with one word.", "Where is it?"]
@@ -133,13 +133,7 @@ def greedy_recompute(model, inputs, steps):
 @pytest.mark.parametrize("case,strategy", CASE_STRATEGIES)
 def test_keep_one_is_identity(case, strategy, cases):
     model, _, inputs = cases[case]
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        with vtc.patched(model, strategy, keep=1.0):
-            out = model(**inputs).logits
-    valid = inputs["attention_mask"].bool()
-    assert out.shape == ref.shape
-    assert (out - ref)[valid].abs().max() <= 1e-5
+    assert_keep_one_is_identity(model, inputs, strategy)
 
 
 @pytest.mark.parametrize("case,strategy", PRE_LLM)

@@ -8,7 +8,7 @@ import vtc
 from vtc.testing import make_image
 from vtc.testing_qwen import make_video, qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
 
-from .helpers import hook_count, instance_attributes, until_eos
+from .helpers import assert_keep_one_is_identity, hook_count, instance_attributes, until_eos
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 PRE_LLM = ["vtc_cls", "fopru"]
@@ -99,14 +99,7 @@ def per_unit_kept(layout, kept):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("strategy", ALL)
 def test_keep_one_is_identity(family, strategy, models, qbatch):
-    model, inputs = models[family], qbatch[3]
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        with vtc.patched(model, strategy, keep=1.0):
-            out = model(**inputs).logits
-    valid = inputs["attention_mask"].bool()
-    assert out.shape == ref.shape
-    assert (out - ref)[valid].abs().max() <= 1e-5
+    assert_keep_one_is_identity(models[family], qbatch[3], strategy)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

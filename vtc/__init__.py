@@ -10,6 +10,7 @@ handle.unpatch()
 from .adapters import supported_models
 from .api import PatchHandle, Report, patch, patched, unpatch
 from .strategies import Strategy, VisualTokens, list_strategies, register_strategy
+from .train import train
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,6 @@ __all__ = [
     "patched",
     "register_strategy",
     "supported_models",
+    "train",
     "unpatch",
 ]

@@ -27,8 +27,14 @@ class Adapter:
 
     # --- to implement per family ----------------------------------------------------------------
     @property
+    def inner(self) -> torch.nn.Module:
+        """The multimodal base model (`model.model` in transformers' VLM classes)."""
+        return self.model.model
+
+    @property
     def language_model(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """The decoder whose instance forward vtc replaces."""
+        return self.inner.language_model
 
     def tokens_per_image(self) -> int | None:
         """Visual tokens of one image when fixed (LLaVA-1.5: 576), else None."""

@@ -17,7 +17,7 @@ class CausalLMAdapter(Adapter):
 
     @property
     def language_model(self) -> torch.nn.Module:
-        return self.model.model
+        return self.model.model  # the LlamaModel / Qwen2Model / MistralModel
 
     def num_vision_layers(self) -> int:
         return 0

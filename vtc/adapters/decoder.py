@@ -317,7 +317,7 @@ class PrunedDecoder:
             token_index = torch.stack([m[1] for m in members])  # (I, n) flat indices, ascending
             token_ids = layout.local_index(image_ids, token_index)  # local index in each image's grid
             ids = torch.tensor(image_ids, device=device)
-            sel, merged = handle._frozen_selection(stage, image_ids, token_ids)
+            sel, merged = _reused_selection(handle, stage, image_ids, token_ids)
             if sel is None:
                 visual = VisualTokens(
                     features=hidden_flat[where[token_index]],
@@ -341,6 +341,13 @@ class PrunedDecoder:
                 )
                 sel, merged = _as_selection(strategy.select(visual))
             sel = sel.to(device)
+            if sel.dtype == torch.bool:  # a keep-mask (I, n): images of one group may keep different counts
+                if merged is not None:
+                    raise ValueError("a keep-mask selection cannot carry merged features; return sorted indices")
+                keep_flat[token_index[sel]] = True
+                for row, image in enumerate(image_ids):
+                    chosen[image] = (token_ids[row][sel[row]], None)
+                continue
             kept_tokens = token_index.gather(1, sel)
             keep_flat[kept_tokens.reshape(-1)] = True
             if merged is not None:
@@ -434,9 +441,29 @@ def _probe_rows(by_layer: dict, image_ids: torch.Tensor, token_ids: torch.Tensor
     return out
 
 
+def _reused_selection(handle, stage, image_ids: list[int], token_ids: torch.Tensor):
+    """`handle._frozen_selection`, image by image when the images of a group kept different counts (the last
+    forward's selection was a keep-mask): then a keep-mask (I, n)."""
+    if not handle.reuse_selection or len(image_ids) == 1:
+        return handle._frozen_selection(stage, image_ids, token_ids)
+    parts = [handle._frozen_selection(stage, [image], token_ids[row : row + 1]) for row, image in enumerate(image_ids)]
+    if any(sel is None for sel, _ in parts):
+        return None, None
+    if len({sel.shape[-1] for sel, _ in parts}) == 1:
+        merged = [m for _, m in parts]
+        return torch.cat([sel for sel, _ in parts]), torch.cat(merged) if all(m is not None for m in merged) else None
+    mask = torch.zeros(token_ids.shape, dtype=torch.bool, device=token_ids.device)
+    for row, (sel, _) in enumerate(parts):
+        mask[row, sel[0].to(mask.device)] = True
+    return mask, None
+
+
 def _as_selection(result) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A strategy returns sorted indices (I, k), or (indices, merged features (I, k, D))."""
+    """A strategy returns sorted indices (I, k), or (indices, merged features (I, k, D)), or a bool keep-mask
+    (I, n) over the group's current tokens (images of one group may then keep different counts)."""
     index, merged = result if isinstance(result, tuple) else (result, None)
+    if index.dtype == torch.bool:
+        return index, merged
     order = torch.argsort(index, dim=-1)
     if not torch.equal(order, torch.arange(index.shape[-1], device=index.device).expand_as(order)):
         index = index.gather(-1, order)

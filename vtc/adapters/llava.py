@@ -18,14 +18,6 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
 
     @property
-    def inner(self) -> torch.nn.Module:
-        return self.model.model
-
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.inner.language_model
-
-    @property
     def vision_layers(self):
         tower = self.inner.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers

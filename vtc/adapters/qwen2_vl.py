@@ -85,14 +85,6 @@ class QwenVLAdapter(Adapter):
         self.last_layout: VisualLayout | None = None  # the units (images, video frames) of the last prefill
 
     @property
-    def inner(self) -> torch.nn.Module:
-        return self.model.model
-
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.inner.language_model
-
-    @property
     def visual(self) -> torch.nn.Module:
         return self.inner.visual
 

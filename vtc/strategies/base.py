@@ -114,7 +114,8 @@ class Strategy:
 
     def select(self, visual: VisualTokens) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(I, k) sorted indices into each image's current tokens, kept in their order; or a pair
-        (indices, merged features (I, k, D)) for strategies that merge what they drop into what they keep."""
+        (indices, merged features (I, k, D)) for strategies that merge what they drop into what they keep;
+        or a bool keep-mask (I, N) when the images of one call keep different counts (e.g. DyVTE's exits)."""
         if visual.budget >= visual.num_tokens:
             return torch.arange(visual.num_tokens, device=visual.features.device).expand(visual.num_images, -1)
         return top_k_sorted(self.score(visual), visual.budget)
