@@ -10,6 +10,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_STRATEGIES = ("vtc_cls", "fopru", "fastv")
+DEFAULT_QUESTION = "What colour is the circle?"
 
 
 def _load_default_model(random_model: bool):
@@ -55,11 +56,22 @@ def demo(args) -> int:
 
     torch.manual_seed(0)
     model, processor, model_name = _load_default_model(args.random_model)
-    image_path = Path(args.image) if args.image else ASSETS / "demo.png"
-    image = Image.open(image_path).convert("RGB")
-    inputs = llava_inputs(processor, [args.question], [[image]])
+    trained = "trained" in model_name
+    expected = None
+    if args.image:
+        image, source, question = Image.open(args.image).convert("RGB"), args.image, args.question
+    elif trained:  # a held-out scene of the task the model was trained on, with its question
+        from vtc.data import HELDOUT_SEED, make_scene_qa
+
+        sample = make_scene_qa(args.sample + 1, HELDOUT_SEED)[args.sample]
+        image, source, question = sample["image"], f"vtc.data held-out scene {args.sample}", sample["question"]
+        question, expected = (args.question if args.question != DEFAULT_QUESTION else question), sample["answer"]
+    else:
+        image, source, question = Image.open(ASSETS / "demo.png").convert("RGB"), ASSETS / "demo.png", args.question
+    inputs = llava_inputs(processor, [question], [[image]])
     size = model.config.vision_config.image_size
-    print(f"model: {model_name}\nimage: {image_path}\nquestion: {args.question}\n")
+    print(f"model: {model_name}\nimage: {source}\nquestion: {question}")
+    print(f"expected answer: {expected}\n" if expected else "")
 
     base_ms = _prefill_ms(model, inputs)
     rows = [("unpatched", None, base_ms, 1.0, _answer(model, processor, inputs))]
@@ -119,7 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--strategy", nargs="+", default=list(DEFAULT_STRATEGIES))
     p.add_argument("--keep", type=float, default=0.25)
     p.add_argument("--image", default=None, help="an image file (default: assets/demo.png)")
-    p.add_argument("--question", default="What colour is the circle?")
+    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument("--sample", type=int, default=0, help="which held-out scene (trained model only)")
     p.add_argument("--out", default="out/demo.png")
     p.add_argument("--random-model", action="store_true", help="use the random-weight tiny LLaVA")
     p.set_defaults(func=demo)
