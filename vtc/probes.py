@@ -71,8 +71,11 @@ def decoder_attention_rows(
     return scores.softmax(dim=-1).mean(dim=1)
 
 
-def vit_attention_received(attn: torch.nn.Module, hidden_states: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """(B, heads, N) attention each token receives, averaged over the queries 1..N-1 ([CLS] query excluded).
+def vit_attention_received(
+    attn: torch.nn.Module, hidden_states: torch.Tensor, chunk: int = 256, first_query: int = 1
+) -> torch.Tensor:
+    """(B, heads, N) attention each token receives, averaged over the queries first_query..N-1: by default
+    the [CLS] query (position 0) is excluded; `first_query=0` for towers without [CLS] (SigLIP).
 
     Computed in chunks of `chunk` query rows, so the (N x N) map is never materialised whole."""
     b, n, _ = hidden_states.shape
@@ -80,10 +83,10 @@ def vit_attention_received(attn: torch.nn.Module, hidden_states: torch.Tensor, c
     q = attn.q_proj(hidden_states).view(b, n, heads, head_dim).transpose(1, 2).float()
     k = attn.k_proj(hidden_states).view(b, n, heads, head_dim).transpose(1, 2).float()
     total = torch.zeros(b, heads, n, device=hidden_states.device)
-    for start in range(1, n, chunk):
+    for start in range(first_query, n, chunk):
         rows = q[:, :, start : start + chunk]
         total += ((rows @ k.transpose(-1, -2)) * attn.scale).softmax(dim=-1).sum(dim=2)
-    return total / max(n - 1, 1)
+    return total / max(n - first_query, 1)
 
 
 def vit_keys(attn: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -44,23 +44,16 @@ import inspect
 
 import torch
 
+from ..probes import vit_attention_received
 from .base import register_adapter
 from .decoder import VisualLayout
 from .llava import VISION_PROBES, LlavaAdapter
 
 
-def attention_received_all(attn: torch.nn.Module, hidden_states: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def attention_received_all(attn: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """(B, heads, N) attention each token receives, averaged over all N queries: for towers without [CLS]
-    (SigLIP), where every query is a patch. Chunked over queries, never the whole (N x N) map at once."""
-    b, n, _ = hidden_states.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
-    q = attn.q_proj(hidden_states).view(b, n, heads, head_dim).transpose(1, 2).float()
-    k = attn.k_proj(hidden_states).view(b, n, heads, head_dim).transpose(1, 2).float()
-    total = torch.zeros(b, heads, n, device=hidden_states.device)
-    for start in range(0, n, chunk):
-        rows = q[:, :, start : start + chunk]
-        total += ((rows @ k.transpose(-1, -2)) * attn.scale).softmax(dim=-1).sum(dim=2)
-    return total / n
+    (SigLIP), where every query is a patch."""
+    return vit_attention_received(attn, hidden_states, first_query=0)
 
 
 class _Record:
