@@ -23,9 +23,39 @@ def vit_cls_attention(attn: torch.nn.Module, hidden_states: torch.Tensor) -> tor
     return scores.softmax(dim=-1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotation of the two halves of the last dimension."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def project_qk(
+    layer: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, heads, Q, d) and k (B, kv_heads, L, d) of a Llama/Qwen2/Mistral decoder layer, RoPE applied, in
+    fp32: what the layer's attention computes from its input `hidden_states` (before input_layernorm).
+
+    query_index (B, Q): physical indices of the query rows to project (default: all L tokens)."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden_states)
+    b, length, _ = normed.shape
+    cos, sin = (t.float() for t in position_embeddings)
+    rows, cos_q, sin_q = normed, cos, sin
+    if query_index is not None:
+        rows, cos_q, sin_q = (
+            t.gather(1, query_index[..., None].expand(-1, -1, t.shape[-1])) for t in (normed, cos, sin)
+        )
+    q = attn.q_proj(rows).view(b, rows.shape[1], -1, attn.head_dim)
+    k = attn.k_proj(normed).view(b, length, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
+    q = q * cos_q[:, None] + rotate_half(q) * sin_q[:, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    return q, k
 
 
 def decoder_attention_rows(
@@ -43,27 +73,13 @@ def decoder_attention_rows(
     key_valid: (B, L) bool, False for padding.
     Returns (B, Q, L): softmax over the causal row (keys at index <= the query's), mean over heads.
     """
-    attn = layer.self_attn
-    normed = layer.input_layernorm(hidden_states)
-    b, length, _ = normed.shape
-    head_dim = attn.head_dim
-    cos, sin = position_embeddings
-
-    rows = normed.gather(1, query_index[..., None].expand(-1, -1, normed.shape[-1]))
-    q = attn.q_proj(rows).view(b, rows.shape[1], -1, head_dim)
-    k = attn.k_proj(normed).view(b, length, -1, head_dim)
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
-    cos_q = cos.gather(1, query_index[..., None].expand(-1, -1, cos.shape[-1]))
-    sin_q = sin.gather(1, query_index[..., None].expand(-1, -1, sin.shape[-1]))
-    q = q * cos_q[:, None].float() + _rotate_half(q) * sin_q[:, None].float()
-    k = k * cos[:, None].float() + _rotate_half(k) * sin[:, None].float()
+    q, k = project_qk(layer, hidden_states, position_embeddings, query_index)
+    length = k.shape[2]
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
 
-    scores = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, H, Q, L)
-    key_pos = torch.arange(length, device=normed.device)
+    scores = (q @ k.transpose(-1, -2)) * layer.self_attn.scaling  # (B, H, Q, L)
+    key_pos = torch.arange(length, device=k.device)
     # a padding query sees only itself: no empty softmax row (NaN) when rows of all tokens are asked for
     allowed = key_valid[:, None, :] & (key_pos[None, None, :] <= query_index[..., None])
     allowed |= key_pos[None, None, :] == query_index[..., None]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from ..probes import rotate_half
 from .base import Adapter, register_adapter
 from .decoder import VisualLayout
 
@@ -34,11 +35,6 @@ CLS_SURROGATE = (
     "Qwen-VL has no [CLS]: the 'cls' probe is the attention each merged token receives at that vision layer "
     "(mean over queries of its image/frame, or window in windowed layers; per head; mean over its 4 patches)"
 )
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def vision_attention_received(
@@ -55,8 +51,8 @@ def vision_attention_received(
     heads = attn.num_heads
     q, k, _ = attn.qkv(hidden_states).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = (p.float()[:, None] for p in position_embeddings)
-    q = (q.float() * cos + _rotate_half(q.float()) * sin).transpose(0, 1)  # (H, S, d)
-    k = (k.float() * cos + _rotate_half(k.float()) * sin).transpose(0, 1)
+    q = (q.float() * cos + rotate_half(q.float()) * sin).transpose(0, 1)  # (H, S, d)
+    k = (k.float() * cos + rotate_half(k.float()) * sin).transpose(0, 1)
     total = torch.zeros(heads, seq, device=hidden_states.device)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):

@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import torch
 
-from ..probes import _rotate_half
+from ..probes import project_qk
 
 
 @dataclass
@@ -260,21 +260,6 @@ class KVPolicy:
 
 
 # --- attention from q and k, per KV head -----------------------------------------------------------
-def project_qk(layer, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, heads, L, d) and k (B, kv_heads, L, d) of a Llama/Qwen2/Mistral decoder layer, RoPE applied,
-    in fp32: what the layer's attention computes from its input `hidden` (before input_layernorm)."""
-    attn = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    b, length, _ = normed.shape
-    q = attn.q_proj(normed).view(b, length, -1, attn.head_dim)
-    k = attn.k_proj(normed).view(b, length, -1, attn.head_dim)
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = (t[:, None].float() for t in position_embeddings)
-    q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
 def attention_per_kv_head(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -15,13 +15,13 @@ chunks of query rows.
 
 from __future__ import annotations
 
+from ..probes import project_qk
 from .base import (
     KVPolicy,
     attention_per_kv_head,
     decode_scores,
     last_valid,
     prefill_allowed,
-    project_qk,
     register_policy,
     top_valid,
 )

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .base import KVPolicy, attention_per_kv_head, last_valid, prefill_allowed, project_qk, register_policy, top_valid
+from ..probes import project_qk
+from .base import KVPolicy, attention_per_kv_head, last_valid, prefill_allowed, register_policy, top_valid
 
 POOLING = ("avg", "max")
 

@@ -36,12 +36,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..probes import rotate_half
 from .base import Strategy, VisualTokens, register_strategy
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def rotated_keys(keys: torch.Tensor, lm: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
@@ -50,7 +46,7 @@ def rotated_keys(keys: torch.Tensor, lm: torch.nn.Module, hidden: torch.Tensor, 
     head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
     cos, sin = lm.rotary_emb(hidden, positions)  # (B, L, head_dim)
     k = keys.view(b, length, channels // head_dim, head_dim).float()
-    k = k * cos[:, :, None].float() + _rotate_half(k) * sin[:, :, None].float()
+    k = k * cos[:, :, None].float() + rotate_half(k) * sin[:, :, None].float()
     return k.reshape(b, length, channels)
 
 
