@@ -93,3 +93,17 @@ def assert_keep_one_is_identity(model, inputs, strategy, **options) -> None:
     valid = inputs["attention_mask"].bool()
     assert out.shape == ref.shape
     assert (out - ref)[valid].abs().max() <= 1e-5
+
+
+def assert_text_only_passes_through(model, inputs, strategy: str, generate_tokens: int = 0) -> None:
+    """DESIGN.md invariant: a prompt without visual tokens gives exactly the unpatched logits (and greedy
+    tokens, when `generate_tokens` > 0), and the report says so."""
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_gen = model.generate(**inputs, max_new_tokens=generate_tokens, do_sample=False) if generate_tokens else None
+        with vtc.patched(model, strategy, keep=0.25) as handle:
+            assert torch.equal(model(**inputs).logits, ref)
+            if generate_tokens:
+                out = model.generate(**inputs, max_new_tokens=generate_tokens, do_sample=False)
+                assert torch.equal(out, ref_gen)
+            assert "text-only" in str(handle.report())

@@ -156,7 +156,9 @@ def test_tiny_vlm_loads_offline_and_answers(monkeypatch):
     inputs = processor(images=[s["image"] for s in samples], text=texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    words = [w.split() for w in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    words = [
+        w.split() for w in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
     # one word of the kind the question asks for, then </s>
     assert all(len(w) == 1 and w[0] in ANSWER_WORDS[s["kind"]] for w, s in zip(words, samples)), words
     # The shipped weights answer 9 of these 32 correctly (39% on 500 held-out samples: training on the 2 shared
