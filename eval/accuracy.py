@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import vtc
 from vtc import data
-from vtc.testing import load_tiny_vlm
+from vtc.testing import load_tiny_vlm, tiny_vlm_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUPS = ("all", *data.KINDS, "small", "large")
@@ -53,10 +53,16 @@ def prepare(processor, samples: list[dict], batch_size: int) -> list[dict]:
 
 
 @torch.no_grad()
-def answers(model, processor, batches: list[dict], strategy: str | None, keep: float, desc: str):
-    """Generated answer words for every sample, and the mean estimated prefill-FLOPs ratio (1.0 unpatched)."""
+def answers(model, processor, batches: list[dict], strategy: str | None, keep: float | None, desc: str,
+            weights: Path | None = None):
+    """Generated answer words for every sample, and the mean estimated prefill-FLOPs ratio (1.0 unpatched).
+
+    keep=None takes the strategy's default; `weights` are a learned strategy's trained parameters."""
     words, flops = [], []
-    handle = vtc.patch(model, strategy=strategy, keep=keep) if strategy else None
+    options = {"processor": processor}  # for the strategies that build prompts with it (QuoTA)
+    if weights is not None:
+        options["weights"] = str(weights)
+    handle = vtc.patch(model, strategy=strategy, keep=keep, **options) if strategy else None
     try:
         for inputs in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
             out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -107,7 +113,7 @@ def write_outputs(rows: list[dict], out_dir: Path, n: int, failed: list[str] | N
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|",
     ]
     for (strategy, keep), by in table.items():
-        cells = [strategy, f"{keep:g}", f"{next(iter(by.values()))['flops_ratio']:.0%}"]
+        cells = [strategy, keep_label(keep), f"{next(iter(by.values()))['flops_ratio']:.0%}"]
         cells += [f"{by[g]['accuracy']:.1%}" if g in by else "-" for g in GROUPS]
         lines.append("| " + " | ".join(cells) + " |")
     small = [f"{k}/small" for k in data.KINDS]
@@ -119,7 +125,7 @@ def write_outputs(rows: list[dict], out_dir: Path, n: int, failed: list[str] | N
         "|" + "|".join(["---"] * 2 + ["---:"] * len(small)) + "|",
     ]
     for (strategy, keep), by in table.items():
-        cells = [strategy, f"{keep:g}", *(f"{by[g]['accuracy']:.1%}" if g in by else "-" for g in small)]
+        cells = [strategy, keep_label(keep), *(f"{by[g]['accuracy']:.1%}" if g in by else "-" for g in small)]
         lines.append("| " + " | ".join(cells) + " |")
     if failed:
         lines += ["", "Configurations that failed (no row above):", "", *(f"- {f}" for f in failed)]
@@ -127,8 +133,14 @@ def write_outputs(rows: list[dict], out_dir: Path, n: int, failed: list[str] | N
     plot(table, out_dir / "accuracy.png", n)
 
 
+def keep_label(keep: float | None) -> str:
+    return "learned" if keep is None else f"{keep:g}"
+
+
 def plot(table: dict, path: Path, n: int) -> None:
-    """One panel per group: accuracy vs keep, a line per strategy, the unpatched accuracy dashed."""
+    """One panel per group: accuracy vs keep, a line per strategy, the unpatched accuracy dashed (rows with
+    learned budgets, keep=None, are in the table only)."""
+    table = {(s, k): by for (s, k), by in table.items() if k is not None}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,22 +192,27 @@ def main() -> None:
     model, processor = load_tiny_vlm(args.model)
     samples = data.make_scene_qa(args.n, data.HELDOUT_SEED)
     batches = prepare(processor, samples, args.batch_size)
-    configs = [(UNPATCHED, None, 1.0)] + [(s, s, k) for s in strategies for k in args.keeps]
+    configs = [(UNPATCHED, None, 1.0, None)] + [(s, s, k, None) for s in strategies for k in args.keeps]
+    for strategy in strategies:  # learned parts trained by eval/train_strategy_weights.py, when present
+        path = Path(args.model or tiny_vlm_dir()) / "strategies" / f"{strategy}.safetensors"
+        if path.is_file():
+            configs.append((f"{strategy}+weights", strategy, None, path))
     rows = []
     started = time.time()
     failed = []
-    for name, strategy, keep in tqdm(configs, desc="configurations", dynamic_ncols=True):
+    for name, strategy, keep, weights in tqdm(configs, desc="configurations", dynamic_ncols=True):
+        label = f"{name} keep={keep_label(keep)}"
         try:
-            words, flops = answers(model, processor, batches, strategy, keep, desc=f"{name} keep={keep:g}")
+            words, flops = answers(model, processor, batches, strategy, keep, desc=label, weights=weights)
         except Exception as error:  # one broken strategy must not lose the other rows; it is reported
-            failed.append(f"{name} keep={keep:g}: {type(error).__name__}: {error}")
+            failed.append(f"{label}: {type(error).__name__}: {error}")
             tqdm.write(f"FAILED {failed[-1]}")
             continue
         for group, (correct, total) in sorted(score(samples, words).items()):
             rows.append({"strategy": name, "keep": keep, "group": group, "correct": correct, "total": total,
                          "accuracy": correct / total, "flops_ratio": flops})
         overall = next(r for r in rows if r["strategy"] == name and r["keep"] == keep and r["group"] == "all")
-        tqdm.write(f"{name:>10} keep={keep:<5g} accuracy {overall['accuracy']:.1%}  LLM FLOPs {flops:.0%}")
+        tqdm.write(f"{label:>24} accuracy {overall['accuracy']:.1%}  LLM FLOPs {flops:.0%}")
     write_outputs(rows, args.out, args.n, failed)
     print(f"wrote {args.out}/accuracy.{{csv,md,png}} in {time.time() - started:.0f}s")
 

@@ -9,8 +9,14 @@ tokenizer over the task's vocabulary. Training has two stages, both on freshly g
    in the picture (multi-label, as CLIP's [CLS] summarises the picture, so its attention points at the
    objects), and every patch token predicts the (colour, shape) pair covering it and whether an object's
    centre lies in it;
-2. vqa: the whole model on the answers (loss on the answer word and </s> only; each picture is asked two
-   questions of different kinds), keeping the auxiliary losses with a smaller weight.
+2. vqa: the projector and the decoder on the answers, the ViT frozen as stage 1 left it (`--freeze-vision`,
+   the default: no backward pass through the ViT). Each picture is one conversation of up to
+   `--questions-per-image` turns of different kinds (the first turn in the inference format), with the loss
+   on every answer word and its </s>: one pass over the 196 visual tokens serves five answers. A
+   projector-alignment loss points the visual tokens of an object like the word embeddings of its colour and
+   shape.
+
+The shipped weights: `--steps-vision 300 --steps-vqa 1500 --threads 1` (the defaults below otherwise).
 
     python eval/train_tiny_vlm.py                 # full run (resumes from out/tiny_vlm/checkpoint.pt)
     python eval/train_tiny_vlm.py --smoke         # a few steps on one batch: asserts the loss goes down
@@ -54,11 +60,12 @@ class TrainConfig:
     """Hyper-parameters; `steps_*` count optimizer steps."""
 
     seed: int = 0
-    steps_vision: int = 400
-    steps_vqa: int = 1400
+    steps_vision: int = 300
+    steps_vqa: int = 1500
     images_vision: int = 32
     images_vqa: int = 16
-    questions_per_image: int = 2
+    questions_per_image: int = 5  # turns per conversation in the VQA stage
+    freeze_vision: bool = True  # VQA stage: the ViT stays as the vision stage left it (a cheaper step)
     lr_vision: float = 2e-3
     lr_vqa: float = 1e-3
     weight_decay: float = 0.01
@@ -182,12 +189,32 @@ def prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def make_batch(processor, seed: int, n_images: int, questions: int) -> dict:
-    """`n_images` fresh scenes of stream `seed`, each with `questions` questions of different kinds.
+def conversation(processor, asked: list[tuple[str, str, bool]]) -> str:
+    """One image's conversation: the first turn exactly as at inference (`prompt`), the others appended."""
+    first_q, first_a, _ = asked[0]
+    text = prompt(processor, first_q) + f" {first_a}</s>"
+    for question, answer, _ in asked[1:]:
+        text += f" USER: {question} ASSISTANT: {answer}</s>"
+    return text
 
-    Returns pixel values (n_images, ...), aux targets, and the token batch (n_images * questions rows, left
-    padded, each row = prompt + answer + </s>, image-major order)."""
-    images, texts, answers, targets = [], [], [], []
+
+def answer_labels(input_ids: torch.Tensor, assistant_id: int, colon_id: int) -> torch.Tensor:
+    """(B, L) targets: the answer word and the </s> after every "ASSISTANT :", -100 elsewhere."""
+    labels = torch.full_like(input_ids, -100)
+    starts = (input_ids[:, :-3] == assistant_id) & (input_ids[:, 1:-2] == colon_id)
+    rows, cols = starts.nonzero(as_tuple=True)
+    for shift in (2, 3):
+        labels[rows, cols + shift] = input_ids[rows, cols + shift]
+    return labels
+
+
+def make_batch(processor, seed: int, n_images: int, questions: int) -> dict:
+    """`n_images` fresh scenes of stream `seed`; each image's row is a conversation of up to `questions` turns
+    of different kinds (at least one; the first turn has the inference format).
+
+    Returns pixel values (n_images, ...), aux targets, and the token batch (one left-padded row per image)
+    with `labels` on every answer word and its </s>."""
+    images, texts, targets = [], [], []
     for i in range(n_images):
         rng = np.random.default_rng((seed, i))
         image, objects, mask = data.render_scene(rng)
@@ -198,21 +225,20 @@ def make_batch(processor, seed: int, n_images: int, questions: int) -> dict:
                 asked.append(qa)
             if len(asked) == questions:
                 break
-        assert len(asked) == questions, "count and presence questions always exist; ask for at most 2"
         images.append(image)
         targets.append(scene_targets(objects, mask))
-        for question, answer, _ in asked:
-            texts.append(prompt(processor, question) + f" {answer}</s>")
-            answers.append(answer)
+        texts.append(conversation(processor, asked))
     n_image_tokens = GRID * GRID
     texts = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens) for t in texts]
-    tokens = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    tok = processor.tokenizer
+    tokens = tok(texts, return_tensors="pt", padding=True)
+    labels = answer_labels(tokens["input_ids"], *tok.convert_tokens_to_ids(["ASSISTANT", ":"]))
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     present, label, centre = (torch.stack(t) for t in zip(*targets))
-    pair_word_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(list(p)) for p in PAIRS])
+    pair_word_ids = torch.tensor([tok.convert_tokens_to_ids(list(p)) for p in PAIRS])
     return {"pixel_values": pixel_values, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-            "present": present, "patch_label": label, "centre": centre, "pair_word_ids": pair_word_ids,
-            "answers": answers, "questions_per_image": questions}
+            "labels": labels, "present": present, "patch_label": label, "centre": centre,
+            "pair_word_ids": pair_word_ids}
 
 
 # --- forward --------------------------------------------------------------------------------------------
@@ -247,21 +273,22 @@ def align_loss(model, projected: torch.Tensor, batch: dict) -> torch.Tensor:
 
 
 def answer_logits(model, features: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Logits predicting the last two tokens (answer word, </s>) of every row; rows are left padded.
+    """Logits predicting every labelled token (answer words and their </s>), flattened in row order.
 
-    `features` are the projected visual tokens (I, N, D)."""
+    `features` are the projected visual tokens (I, N, D), one image per row; rows are left padded."""
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    features = features.repeat_interleave(batch["questions_per_image"], dim=0)
     embeds = model.model.get_input_embeddings()(input_ids)
     is_image = (input_ids == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(is_image, features.to(embeds.dtype))
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them under left padding
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids)
-    return model.lm_head(hidden.last_hidden_state[:, -3:-1])
+    predicts = batch["labels"][:, 1:] != -100  # hidden state t predicts token t + 1
+    return model.lm_head(hidden.last_hidden_state[:, :-1][predicts])
 
 
 def vqa_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), batch["input_ids"][:, -2:].flatten())
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits, targets[targets != -100])
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
@@ -338,15 +365,19 @@ def train(cfg: TrainConfig, workdir: Path, out_dir: Path | None, ckpt_every: int
             batch = cached.setdefault(stage, make_batch(processor, data.train_seed(0), n_images, questions))
         else:
             batch = make_batch(processor, data.train_seed(step), n_images, questions)
-        patches, pooled = vision_forward(model, batch["pixel_values"])
-        aux = aux_loss(heads, patches, pooled, batch)
+        frozen = cfg.freeze_vision and not vision_stage
+        with torch.set_grad_enabled(not frozen):
+            patches, pooled = vision_forward(model, batch["pixel_values"])
+            aux = aux_loss(heads, patches, pooled, batch)
         if vision_stage:
             loss, vqa = aux, torch.tensor(float("nan"))
         else:
             projected = model.model.multi_modal_projector(patches)
             logits = answer_logits(model, projected, batch)
             vqa = vqa_loss(logits, batch)
-            loss = vqa + cfg.aux_weight_vqa * aux + cfg.align_weight * align_loss(model, projected, batch)
+            loss = vqa + cfg.align_weight * align_loss(model, projected, batch)
+            if not frozen:
+                loss = loss + cfg.aux_weight_vqa * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -408,7 +439,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--time-limit", type=float, default=None, help="seconds: stop early, save what there is")
     for name, value in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

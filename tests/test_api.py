@@ -167,3 +167,13 @@ def test_top_k_sorted_breaks_ties_towards_lower_index():
     scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
     assert top_k_sorted(scores, 2).tolist() == [[1, 2]]
     assert top_k_sorted(scores, 4).tolist() == [[0, 1, 2, 4]]
+
+
+def test_composition_without_keep_takes_the_first_members_default(llava):
+    handle = vtc.patch(llava, ["vtc_cls", "fastv"])
+    try:
+        first, second = handle.strategy.members
+        assert first.keep == vtc.strategies.vtc_cls.VTCCLS.default_keep
+        assert second.keep == vtc.strategies.fastv.FastV.default_keep
+    finally:
+        handle.unpatch()

@@ -48,3 +48,28 @@ def test_roofline_is_compute_bound_for_long_sequences_and_memory_bound_for_short
     short, long = ideal_time(config, [1] * 4, weights, peaks), ideal_time(config, [4096] * 4, weights, peaks)
     assert short == pytest.approx(weights / 1e9)  # weights streamed once per layer dominate
     assert long > 100 * short
+
+
+def test_accuracy_benchmark_scores_and_writes_learned_rows(tmp_path):
+    from eval.accuracy import UNPATCHED, answers, prepare, score, write_outputs
+    from vtc import data
+    from vtc.testing import load_tiny_vlm
+
+    model, processor = load_tiny_vlm()
+    samples = data.make_scene_qa(4, data.HELDOUT_SEED)
+    batches = prepare(processor, samples, batch_size=2)
+    rows = []
+    for name, strategy, keep in [(UNPATCHED, None, 1.0), ("none", "none", 1.0), ("quota", "quota", 0.5)]:
+        words, flops = answers(model, processor, batches, strategy, keep, desc=name)
+        assert len(words) == 4
+        for group, (correct, total) in score(samples, words).items():
+            rows.append({"strategy": name, "keep": keep, "group": group, "correct": correct, "total": total,
+                         "accuracy": correct / total, "flops_ratio": flops})
+    by = {(r["strategy"], r["group"]): r for r in rows}
+    assert by["none", "all"]["correct"] == by[UNPATCHED, "all"]["correct"]  # keep-everything changes nothing
+    assert by["quota", "all"]["flops_ratio"] < 1.0
+    rows.append({**by["none", "all"], "strategy": "dyvte+weights", "keep": None})  # a learned-budget row
+    write_outputs(rows, tmp_path, n=4)
+    table = (tmp_path / "accuracy.md").read_text()
+    assert "| dyvte+weights | learned |" in table and "| quota | 0.5 |" in table
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000

@@ -1,7 +1,5 @@
 """DyVTE (dynamic visual-token exit): routers, the training utility, the announced fallback, ragged exits."""
 
-import warnings
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ from vtc.data import make_scene_qa
 from vtc.strategies.dyvte import DyVTE, make_routers
 from vtc.testing import llava_inputs
 
-from .helpers import greedy_recompute, until_eos
+from .helpers import announced_fallback_report, greedy_recompute, saved_weights_logits, until_eos
 
 N_LAYERS = 4  # tiny_llava's decoder
 
@@ -71,15 +69,8 @@ def test_training_lowers_loss_saves_and_loads(llava, processor, tmp_path):
         add_generation_prompt=True,
     )
     inputs = processor(images=[data[0]["image"]], text=[single], return_tensors="pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # trained weights: no fallback warning
-        with torch.no_grad(), vtc.patched(llava, "dyvte", weights=path) as handle:
-            loaded = llava(**inputs).logits
-            report = handle.report()
+    _, report = saved_weights_logits(llava, inputs, "dyvte", path, result.strategy)  # == the trained strategy
     assert not any("fallback" in n for n in report.notes)
-    with torch.no_grad(), vtc.patched(llava, result.strategy):
-        trained = llava(**inputs).logits
-    assert torch.equal(loaded, trained)
 
 
 def test_weights_missing_is_a_clear_error(llava, tmp_path):
@@ -90,15 +81,7 @@ def test_weights_missing_is_a_clear_error(llava, tmp_path):
 
 @pytest.mark.parametrize("options,exit_at", [({}, 2), ({"exit_layer": 1}, 1), ({"exit_layer": 3}, 3)])
 def test_fixed_fallback_is_announced(llava, batch3, options, exit_at):
-    inputs = batch3[2]
-    with pytest.warns(UserWarning, match="without trained router weights.*fallback"):
-        handle = vtc.patch(llava, "dyvte", **options)
-    try:
-        with torch.no_grad():
-            llava(**inputs)
-        report = handle.report()
-    finally:
-        handle.unpatch()
+    report = announced_fallback_report(llava, batch3[2], "dyvte", "without trained router weights.*fallback", **options)
     assert any("fallback" in n for n in report.notes) and "note: dyvte without trained" in str(report)
     assert "FALLBACK" in report.strategy
     for sample in report.samples:

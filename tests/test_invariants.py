@@ -7,13 +7,14 @@ import vtc
 from vtc.testing import llava_inputs, make_image, tiny_llava
 
 from .helpers import (
+    assert_batch_equals_each_sample_alone,
+    assert_cached_generate_equals_recompute,
+    assert_generate_keep_one_equals_unpatched,
     assert_keep_one_is_identity,
     assert_text_only_passes_through,
-    greedy_recompute,
+    assert_unpatch_restores_exactly,
     hook_count,
-    instance_attributes,
     pre_llm_oracle_logits,
-    until_eos,
     upper_layers,
 )
 
@@ -88,57 +89,24 @@ def test_fastv_selection_and_logits_equal_oracle(layer, keep, single):
 
 @pytest.mark.parametrize("strategy,options", [*PRE_LLM, ("fastv", {})], ids=ids([*PRE_LLM, ("fastv", {})]))
 def test_generate_with_cache_equals_recompute(strategy, options, llava, batch3):
-    inputs = batch3[2]
-    eos = llava.config.text_config.eos_token_id
-    with torch.no_grad(), vtc.patched(llava, strategy, keep=0.25, **options) as handle:
-        cached = llava.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-        handle.reuse_selection = True
-        recomputed = greedy_recompute(llava, inputs, 6)
-    assert until_eos(cached, eos) == until_eos(recomputed, eos)
+    assert_cached_generate_equals_recompute(llava, batch3[2], strategy, 6, keep=0.25, **options)
 
 
 def test_generate_keep_one_equals_unpatched(llava, batch3):
-    inputs = batch3[2]
-    with torch.no_grad():
-        ref = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
-        with vtc.patched(llava, "fastv", keep=1.0):
-            out = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert torch.equal(out, ref)
+    assert_generate_keep_one_equals_unpatched(llava, batch3[2], 6)
 
 
 @pytest.mark.parametrize("strategy,options", [*PRE_LLM, ("fastv", {})], ids=ids([*PRE_LLM, ("fastv", {})]))
 def test_batch_equals_each_sample_alone(strategy, options, llava, processor, batch3):
     questions, images, inputs = batch3
-    with torch.no_grad(), vtc.patched(llava, strategy, keep=0.25, **options) as handle:
-        out = llava(**inputs).logits
-        kept = handle.last_kept()
-        gen = llava.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-        for b in range(3):
-            alone = llava_inputs(processor, [questions[b]], [images[b]])
-            out_b = llava(**alone).logits
-            assert torch.equal(handle.last_kept()[0], kept[b])
-            assert (out[b, -out_b.shape[1] :] - out_b[0]).abs().max() <= 1e-5
-            gen_b = llava.generate(**alone, max_new_tokens=5, do_sample=False)[:, alone["input_ids"].shape[1] :]
-            assert gen[b].tolist() == gen_b[0].tolist()
+    alone = {b: llava_inputs(processor, [questions[b]], [images[b]]) for b in range(3)}
+    assert_batch_equals_each_sample_alone(llava, inputs, alone, strategy, tokens=5, keep=0.25, **options)
 
 
 def test_unpatch_restores_exactly(batch3):
     model = tiny_llava("llama", seed=4)
     inputs = batch3[2]
-    with torch.no_grad():
-        ref = model(**inputs).logits  # transformers installs its own output-capturing hooks on a first call
-    hooks, attributes = hook_count(model), instance_attributes(model)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        handle = vtc.patch(model, "vtc_cls", keep=0.25)
-        assert hook_count(model) > hooks
-        assert model(**inputs).logits.shape != ref.shape
-        handle.unpatch()
-        after = model(**inputs).logits
-    assert torch.equal(after, ref)
-    assert hook_count(model) == hooks
-    assert instance_attributes(model) == attributes
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    handle = assert_unpatch_restores_exactly(model, inputs, "vtc_cls", keep=0.25)
     assert not handle.active
     handle.unpatch()  # idempotent
     vtc.patch(model, "fastv").unpatch()  # can be patched again

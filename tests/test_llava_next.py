@@ -1,5 +1,7 @@
 """DESIGN.md section 4 invariants on the LLaVA-NeXT and LLaVA-OneVision adapters (anyres crops, videos)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -18,11 +20,15 @@ from vtc.testing_llava_next import (
 )
 
 from .helpers import (
+    assert_batch_equals_each_sample_alone,
+    assert_cached_generate_equals_recompute,
     assert_keep_one_is_identity,
     assert_text_only_passes_through,
-    hook_count,
-    instance_attributes,
-    until_eos,
+    assert_unit_budgets_and_oracle,
+    assert_unpatch_restores_image_and_video,
+    compacted_oracle_logits,
+    greedy_recompute,
+    lm_input_embeds,
 )
 
 VISION_KEYS = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")
@@ -82,58 +88,12 @@ PRE_LLM = [("next", "vtc_cls"), ("next", "fopru"), ("ov", "fopru"), ("ov_video",
 def lm_inputs(model, inputs):
     """The inputs_embeds the unpatched model hands its language model, and the visual-token mask (image or
     video placeholders that are not newline tokens: those carry `image_newline` exactly)."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"]
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    embeds, ids = seen["embeds"], inputs["input_ids"]
+    embeds, ids = lm_input_embeds(model, inputs), inputs["input_ids"]
     placeholders = ids == model.config.image_token_id
     if getattr(model.config, "video_token_id", None) is not None:
         placeholders |= ids == model.config.video_token_id
     newline = (embeds == model.model.image_newline).all(-1)
     return embeds, placeholders & ~newline
-
-
-def oracle_logits(model, inputs, kept, b, full):
-    """Unpatched language model on sample b's compacted sequence at the kept tokens' original positions;
-    `full` = lm_inputs(model, inputs) (computed with the model unpatched)."""
-    embeds, visual = full
-    valid = inputs["attention_mask"][b].bool()
-    keep = valid & ~visual[b]
-    keep[visual[b].nonzero().squeeze(1)[kept[b]]] = True
-    rows = keep.nonzero().squeeze(1)
-    positions = (inputs["attention_mask"][b].cumsum(-1) - 1)[rows]
-    with torch.no_grad():
-        out = model.model.language_model(
-            inputs_embeds=embeds[b : b + 1, rows],
-            position_ids=positions[None],
-            attention_mask=torch.ones(1, len(rows), dtype=torch.long),
-            use_cache=False,
-        )
-        return model.lm_head(out.last_hidden_state)[0]
-
-
-def vision_kwargs(inputs):
-    return {k: inputs[k] for k in VISION_KEYS if k in inputs}
-
-
-def greedy_recompute(model, inputs, steps):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **vision_kwargs(inputs)
-        )
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids[:, inputs["input_ids"].shape[1] :]
 
 
 @pytest.mark.parametrize("case,strategy", CASE_STRATEGIES)
@@ -146,22 +106,11 @@ def test_keep_one_is_identity(case, strategy, cases):
 @pytest.mark.parametrize("keep", [0.25, 2])
 def test_pre_llm_equals_oracle_and_unit_budgets(case, strategy, keep, cases):
     model, _, inputs = cases[case]
-    full = lm_inputs(model, inputs)
-    with torch.no_grad(), vtc.patched(model, strategy, keep=keep) as handle:
-        out = model(**inputs).logits
-        kept = handle.last_kept("pre_llm")
-        layout = handle.adapter.last_layout
-        units = kept_by_unit(handle, "pre_llm")
-    for b, rows in enumerate(units):
-        for row in rows:  # every unit (base image, crop, frame) got its own budget
-            n = row["grid"][0] * row["grid"][1]
-            expected = min(keep, n) if isinstance(keep, int) else max(1, int(n * keep + 0.5))
-            assert len(row["kept"]) == expected, row
-        assert len(kept[b]) == sum(len(r["kept"]) for r in rows)
-        assert torch.equal(kept[b], kept[b].sort().values)
-        oracle = oracle_logits(model, inputs, kept, b, full)
-        assert (out[b, -len(oracle) :] - oracle).abs().max() <= 1e-5
-    assert sum(layout.counts) == int(full[1].sum())
+
+    def unit_size(row):  # every unit (base image, crop, frame) gets its own budget, of its grid's size
+        return row["grid"][0] * row["grid"][1]
+
+    assert_unit_budgets_and_oracle(model, inputs, lm_inputs(model, inputs), strategy, keep, unit_size)
 
 
 def test_units_partition_the_crops(cases):
@@ -241,29 +190,15 @@ def test_cls_probe_follows_crops_and_unpadding(next_model, next_proc):
 )
 def test_generate_with_cache_equals_recompute(case, strategy, cases):
     model, _, inputs = cases[case]
-    eos = model.config.text_config.eos_token_id
-    with torch.no_grad(), vtc.patched(model, strategy, keep=0.25) as handle:
-        cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-        handle.reuse_selection = True
-        recomputed = greedy_recompute(model, inputs, 4)
-    assert until_eos(cached, eos) == until_eos(recomputed, eos)
+    recompute = functools.partial(greedy_recompute, vision_keys=VISION_KEYS)
+    assert_cached_generate_equals_recompute(model, inputs, strategy, 4, recompute, keep=0.25)
 
 
 @pytest.mark.parametrize("case,strategy", [("next", "vtc_cls"), ("ov", "fastv")])
 def test_batch_equals_each_sample_alone(case, strategy, cases):
     model, processor, inputs = cases[case]
-    with torch.no_grad(), vtc.patched(model, strategy, keep=0.25) as handle:
-        out = model(**inputs).logits
-        kept = handle.last_kept()
-        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-        for b in (0, 2):  # the wide image (unpadded crops) and the two-image sample
-            alone = next_inputs(processor, [QUESTIONS[b]], [IMAGES[b]])
-            out_b = model(**alone).logits
-            assert torch.equal(handle.last_kept()[0], kept[b])
-            assert (out[b, -out_b.shape[1] :] - out_b[0]).abs().max() <= 1e-5
-            gen_b = model.generate(**alone, max_new_tokens=3, do_sample=False)[:, alone["input_ids"].shape[1] :]
-            eos = model.config.text_config.eos_token_id
-            assert until_eos(gen[b : b + 1], eos) == until_eos(gen_b, eos)
+    alone = {b: next_inputs(processor, [QUESTIONS[b]], [IMAGES[b]]) for b in (0, 2)}  # unpadded crops; two images
+    assert_batch_equals_each_sample_alone(model, inputs, alone, strategy, keep=0.25, stop_at_eos=True)
 
 
 def test_onevision_video_frames_are_units(cases):
@@ -304,26 +239,18 @@ def test_onevision_downsampled_grid(ov_model):
     crops = [u for u in layout.extras["units"] if u["role"] == "crop" and u["image"] == 0]
     assert sum(u["grid"][0] * u["grid"][1] for u in crops) == 6  # the 4 x 6 grid became 2 x 3
     for b in range(2):
-        oracle = oracle_logits(model, inputs, kept, b, full)
+        oracle = compacted_oracle_logits(model, inputs, kept, b, full)
         assert (out[b, -len(oracle) :] - oracle).abs().max() <= 1e-5
 
 
 def test_unpatch_restores_exactly(cases):
     model, _, inputs = cases["ov"]
     video = cases["ov_video"][2]
-    with torch.no_grad():
-        ref, ref_video = model(**inputs).logits, model(**video).logits
-    hooks, attributes = hook_count(model), instance_attributes(model)
-    with torch.no_grad():
-        handle = vtc.patch(model, "fopru", keep=0.25)
-        assert hook_count(model) > hooks and "pack_image_features" in vars(model.model)
-        assert model(**inputs).logits.shape != ref.shape
-        model(**video)
-        handle.unpatch()
-        assert torch.equal(model(**inputs).logits, ref) and torch.equal(model(**video).logits, ref_video)
-    assert hook_count(model) == hooks
-    assert instance_attributes(model) == attributes
-    assert not handle.active
+
+    def installed(m):  # what the patch puts on the instance
+        return "pack_image_features" in vars(m.model)
+
+    assert_unpatch_restores_image_and_video(model, inputs, video, "fopru", installed, keep=0.25)
 
 
 def test_text_only_passes_through(cases):

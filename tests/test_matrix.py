@@ -10,6 +10,8 @@ import torch
 
 import vtc
 from vtc.testing import llava_inputs, make_image, tiny_llava, tiny_llava_processor
+from vtc.testing_internvl import internvl_inputs, tiny_internvl, tiny_internvl_processor
+from vtc.testing_internvl import make_wide_image as make_internvl_wide_image
 from vtc.testing_llava_next import (
     make_video,
     make_wide_image,
@@ -22,70 +24,92 @@ from vtc.testing_llava_next import (
 )
 from vtc.testing_qwen import make_video as make_qwen_video
 from vtc.testing_qwen import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
+from vtc.testing_qwen3 import qwen3_inputs, tiny_qwen3_processor, tiny_qwen3_vl
 
 from .helpers import until_eos
 
 QUESTIONS = ["What is in the image?", "How many objects are there? Answer with one word."]
 STRATEGIES = [s for s in vtc.list_strategies() if s != "none"]
-# probes a family cannot provide (no [CLS] on SigLIP; no per-head keys probe on the Qwen vision tower)
+# probes a family cannot provide (no [CLS] on SigLIP; no per-head keys probe on the Qwen vision tower); QuoTA
+# cannot score Qwen3-VL frames with the model itself (DeepStack)
 UNSUPPORTED = {
-    "llava_onevision": {"vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]"},
-    "llava_onevision_video": {"vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]"},
-    "qwen2_vl": {"visionzip": "keys", "tome": "keys"},
-    "qwen2_5_vl": {"visionzip": "keys", "tome": "keys"},
+    "llava_onevision": {"vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]", "hired": "[CLS]"},
+    "llava_onevision_video": {"vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]", "hired": "[CLS]"},
+    "qwen2_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]"},
+    "qwen2_5_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]"},
+    "qwen3_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "quota": "scorer"},
+    "qwen3_vl_moe_video": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "quota": "scorer"},
 }
 
 
+
 def _case(name):
+    """(model, inputs, processor) of one adapter case: a batch of two prompts."""
     if name == "llava":
         processor = tiny_llava_processor()
-        return tiny_llava("llama", seed=21), llava_inputs(processor, QUESTIONS, [[make_image(0)], [make_image(1)]])
+        images = [[make_image(0)], [make_image(1)]]
+        return tiny_llava("llama", seed=21), llava_inputs(processor, QUESTIONS, images), processor
     if name == "llava_next":
         processor = tiny_llava_next_processor()
-        return tiny_llava_next("llama", seed=22), next_inputs(
-            processor, QUESTIONS, [[make_wide_image(0)], [make_image(1)]]
-        )
+        images = [[make_wide_image(0)], [make_image(1)]]
+        return tiny_llava_next("llama", seed=22), next_inputs(processor, QUESTIONS, images), processor
     if name == "llava_onevision":
         processor = tiny_llava_onevision_processor()
         images = [[make_wide_image(0)], [make_image(1)]]
-        return tiny_llava_onevision("qwen2", seed=23), next_inputs(processor, QUESTIONS, images)
+        return tiny_llava_onevision("qwen2", seed=23), next_inputs(processor, QUESTIONS, images), processor
     if name == "llava_onevision_video":
         processor = tiny_llava_onevision_processor()
         inputs = onevision_video_inputs(
             processor, ["What happens?", "Describe the clip."], [make_video(0), make_video(1)]
         )
-        return tiny_llava_onevision("qwen2", seed=23), inputs
+        return tiny_llava_onevision("qwen2", seed=23), inputs, processor
+    if name == "internvl":  # tiles + thumbnail, and a single-tile picture
+        processor = tiny_internvl_processor()
+        images = [[make_internvl_wide_image(0)], [make_image(1, size=48)]]
+        return tiny_internvl("qwen2", seed=26), internvl_inputs(processor, QUESTIONS, images), processor
+    if name == "qwen3_vl":
+        processor = tiny_qwen3_processor()
+        images = [[make_image(0, size=64)], [make_image(1, size=96)]]
+        return tiny_qwen3_vl("qwen3_vl", seed=25), qwen3_inputs(processor, QUESTIONS, images=images), processor
+    if name == "qwen3_vl_moe_video":
+        processor = tiny_qwen3_processor()
+        videos = [[make_qwen_video(0, size=(64, 96))], [make_qwen_video(1, size=(64, 96))]]
+        inputs = qwen3_inputs(processor, ["What happens?", "Describe it."], videos=videos)
+        return tiny_qwen3_vl("qwen3_vl_moe", seed=25), inputs, processor
     family = name
     processor = tiny_qwen_processor()
     model = tiny_qwen_vl(family, seed=24)
     if family == "qwen2_vl":
-        return model, qwen_inputs(processor, QUESTIONS, images=[[make_image(0, size=56)], [make_image(1, size=84)]])
-    return model, qwen_inputs(
-        processor, ["What happens?", "Describe it."], videos=[[make_qwen_video(0)], [make_qwen_video(1)]]
-    )
+        images = [[make_image(0, size=56)], [make_image(1, size=84)]]
+        return model, qwen_inputs(processor, QUESTIONS, images=images), processor
+    videos = [[make_qwen_video(0)], [make_qwen_video(1)]]
+    return model, qwen_inputs(processor, ["What happens?", "Describe it."], videos=videos), processor
 
 
 CASES = ["llava", "llava_next", "llava_onevision", "llava_onevision_video", "qwen2_vl", "qwen2_5_vl"]
+CASES += ["qwen3_vl", "qwen3_vl_moe_video"]
+CASES += ["internvl"]
 
 
 @pytest.fixture(scope="module", params=CASES)
 def case(request):
-    model, inputs = _case(request.param)
-    return request.param, model, dict(inputs)
+    model, inputs, processor = _case(request.param)
+    return request.param, model, dict(inputs), processor
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_runs_on_adapter(case, strategy):
-    name, model, inputs = case
+    name, model, inputs, processor = case
     missing = UNSUPPORTED.get(name, {}).get(strategy)
     if missing:
         with pytest.raises(ValueError, match=missing.replace("[", r"\[").replace("]", r"\]")):
-            vtc.patch(model, strategy, keep=0.25)
+            vtc.patch(model, strategy, keep=0.25, processor=processor)
         assert "forward" not in vars(model.model.language_model)
         return
     eos = model.config.text_config.eos_token_id
     prompt = inputs["input_ids"].shape[1]
-    with torch.no_grad(), vtc.patched(model, strategy, keep=0.25) as handle:
+    # the processor goes to the strategies that build prompts with it (QuoTA); the others ignore it
+    with torch.no_grad(), vtc.patched(model, strategy, keep=0.25, processor=processor) as handle:
         cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, prompt:]
         report = handle.report()
         handle.reuse_selection = True

@@ -9,17 +9,22 @@ from vtc.testing import make_image
 from vtc.testing_qwen import make_video, qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
 
 from .helpers import (
+    assert_batch_equals_each_sample_alone,
+    assert_cached_generate_equals_recompute,
+    assert_generate_keep_one_equals_unpatched,
     assert_keep_one_is_identity,
+    assert_mrope_decode_positions_are_logical,
     assert_text_only_passes_through,
-    hook_count,
-    instance_attributes,
-    until_eos,
+    assert_unpatch_restores_exactly,
+    kept_rows,
+    mrope_greedy_recompute,
+    mrope_positions,
+    per_unit_kept,
 )
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 PRE_LLM = ["vtc_cls", "fopru"]
 ALL = ["none", *PRE_LLM, "fastv"]
-VIDEO_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +60,13 @@ def full_sequence(model, inputs):
             inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
         )
         embeds = embeds.masked_scatter((ids == config.video_token_id)[..., None], feats)
-    positions, _ = inner.get_rope_index(
-        ids,
-        inputs["mm_token_type_ids"],
-        image_grid_thw=inputs.get("image_grid_thw"),
-        video_grid_thw=inputs.get("video_grid_thw"),
-        attention_mask=inputs["attention_mask"],
-    )
-    return embeds, positions, inputs["mm_token_type_ids"] > 0
+    return embeds, mrope_positions(model, inputs), inputs["mm_token_type_ids"] > 0
 
 
 def oracle_logits(model, inputs, full, kept, b):
     """Unpatched language model on sample b's compacted sequence at the kept tokens' original 3-D positions."""
     embeds, positions, visual = full
-    keep = inputs["attention_mask"][b].bool() & ~visual[b]
-    keep[visual[b].nonzero().squeeze(1)[kept[b]]] = True
-    rows = keep.nonzero().squeeze(1)
+    rows = kept_rows(inputs, visual, kept, b)
     out = model.model.language_model(
         inputs_embeds=embeds[b : b + 1, rows],
         position_ids=positions[:, b : b + 1, rows],
@@ -78,28 +74,6 @@ def oracle_logits(model, inputs, full, kept, b):
         use_cache=False,
     )
     return model.lm_head(out.last_hidden_state)[0]
-
-
-def qwen_greedy_recompute(model, inputs, steps):
-    """Greedy decoding with no cache: the whole sequence (pixels, grids, token types) re-run at every step."""
-    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
-    extra = {k: inputs[k] for k in VIDEO_KEYS if k in inputs}
-    for _ in range(steps):
-        out = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False, **extra)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-        types = torch.cat([types, torch.zeros_like(nxt)], 1)
-    return ids[:, inputs["input_ids"].shape[1] :]
-
-
-def per_unit_kept(layout, kept):
-    """Kept tokens per unit (image / video frame), from per-sample kept indices."""
-    out, sample_start = [], {}
-    for start, count, sample in zip(layout.starts, layout.counts, layout.sample_of_image):
-        first = sample_start.setdefault(sample, start)
-        local = start - first
-        out.append(int(((kept[sample] >= local) & (kept[sample] < local + count)).sum()))
-    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -153,23 +127,12 @@ def test_pre_llm_equals_oracle_and_budgets_per_unit(family, strategy, keep, mode
     [("qwen2_vl", "vtc_cls"), ("qwen2_vl", "fastv"), ("qwen2_5_vl", "fopru"), ("qwen2_5_vl", "fastv")],
 )
 def test_generate_with_cache_equals_recompute(family, strategy, models, qbatch):
-    model, inputs = models[family], qbatch[3]
-    eos = model.config.text_config.eos_token_id
-    with torch.no_grad(), vtc.patched(model, strategy, keep=0.5) as handle:
-        cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-        handle.reuse_selection = True
-        recomputed = qwen_greedy_recompute(model, inputs, 4)
-    assert until_eos(cached, eos) == until_eos(recomputed, eos)
+    assert_cached_generate_equals_recompute(models[family], qbatch[3], strategy, 4, mrope_greedy_recompute, keep=0.5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_keep_one_equals_unpatched(family, models, qbatch):
-    model, inputs = models[family], qbatch[3]
-    with torch.no_grad():
-        ref = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-        with vtc.patched(model, "fastv", keep=1.0):
-            out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert torch.equal(out, ref)
+    assert_generate_keep_one_equals_unpatched(models[family], qbatch[3], 5)
 
 
 def test_generate_without_cache_equals_cached(models, qbatch):
@@ -188,40 +151,14 @@ def test_decode_positions_are_logical(family, models, qprocessor):
     model = models[family]
     inputs = qwen_inputs(qprocessor, ["Describe the picture in detail, please."], [[make_image(5, size=112)]])
     inputs.pop("attention_mask")
-    with torch.no_grad(), vtc.patched(model, "vtc_cls", keep=0.25) as handle:
-        first = model(**inputs, use_cache=True)
-        nxt = first.logits[:, -1:].argmax(-1)
-        step = model(input_ids=nxt, past_key_values=first.past_key_values, use_cache=True).logits[0, -1]
-        assert first.past_key_values.get_seq_length() < inputs["input_ids"].shape[1]
-        handle.reuse_selection = True
-        ids = torch.cat([inputs["input_ids"], nxt], 1)
-        types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
-        full = model(
-            input_ids=ids,
-            mm_token_type_ids=types,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
-            use_cache=False,
-        ).logits[0, -1]
-    assert (step - full).abs().max() <= 1e-5
+    assert_mrope_decode_positions_are_logical(model, inputs)
 
 
 @pytest.mark.parametrize("family,strategy", [("qwen2_vl", "vtc_cls"), ("qwen2_5_vl", "fopru"), ("qwen2_5_vl", "fastv")])
 def test_batch_equals_each_sample_alone(family, strategy, models, qprocessor, qbatch):
-    model = models[family]
     questions, images, videos, inputs = qbatch
-    with torch.no_grad(), vtc.patched(model, strategy, keep=0.5) as handle:
-        out = model(**inputs).logits
-        kept = handle.last_kept()
-        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-        for b in range(3):
-            alone = qwen_inputs(qprocessor, [questions[b]], [images[b]], [videos[b]])
-            out_b = model(**alone).logits
-            assert torch.equal(handle.last_kept()[0], kept[b])
-            assert (out[b, -out_b.shape[1] :] - out_b[0]).abs().max() <= 1e-5
-            gen_b = model.generate(**alone, max_new_tokens=3, do_sample=False)[:, alone["input_ids"].shape[1] :]
-            assert gen[b].tolist() == gen_b[0].tolist()
+    alone = {b: qwen_inputs(qprocessor, [questions[b]], [images[b]], [videos[b]]) for b in range(3)}
+    assert_batch_equals_each_sample_alone(models[family], inputs, alone, strategy, keep=0.5)
 
 
 def _dense_received(model, inputs, layer):
@@ -287,21 +224,7 @@ def test_unpatch_restores_exactly(qbatch):
     for family in FAMILIES:
         model = tiny_qwen_vl(family, seed=4)
         inputs = qbatch[3]
-        with torch.no_grad():
-            ref = model(**inputs).logits
-        hooks, attributes = hook_count(model), instance_attributes(model)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        with torch.no_grad():
-            handle = vtc.patch(model, "vtc_cls", keep=0.25)
-            assert hook_count(model) > hooks
-            assert model(**inputs).logits.shape != ref.shape
-            model.generate(**inputs, max_new_tokens=2, do_sample=False)
-            handle.unpatch()
-            after = model(**inputs).logits
-        assert torch.equal(after, ref)
-        assert hook_count(model) == hooks
-        assert instance_attributes(model) == attributes
-        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert_unpatch_restores_exactly(model, inputs, "vtc_cls", generate_tokens=2, keep=0.25)
         vtc.patch(model, "fastv").unpatch()
 
 

@@ -225,6 +225,7 @@ def patch(
     kv: str | KVPolicy | None = None,
     kv_budget: int | None = None,
     kv_options: dict | None = None,
+    processor=None,
     **options,
 ) -> PatchHandle:
     """Install a visual-token compression strategy on `model` (in place, this instance only).
@@ -239,6 +240,8 @@ def patch(
             "visual_aware") or a `vtc.kv.KVPolicy` instance; works on text-only LLMs too (strategy None).
         kv_budget: cache entries kept per layer (and KV head) by the policy.
         kv_options: the policy's options, e.g. {"sinks": 4} for streaming, {"window": 16} for snapkv.
+        processor: the model's processor, for strategies that build prompts with it (QuoTA's frame scoring);
+            the others ignore it, so loops over `vtc.list_strategies()` can always pass it.
         **options: strategy options (e.g. `layer=2` for FastV).
 
     Returns a PatchHandle: `report()`, `last_kept()`, `unpatch()`; also a context manager.
@@ -252,15 +255,17 @@ def patch(
     if model in _ACTIVE:
         raise RuntimeError("this model is already patched by vtc: call handle.unpatch() (or vtc.unpatch(model)) first")
     adapter = find_adapter(model)
-    if keep is None:
-        keep = strategy.keep if isinstance(strategy, Strategy) else None
+    first = strategy[0] if isinstance(strategy, (list, tuple)) and strategy else strategy  # takes `keep`
+    first = first[0] if isinstance(first, tuple) else first
+    if keep is None and isinstance(first, Strategy):
+        keep = first.keep
     if keep is not None:
         validate_keep(keep, adapter.tokens_per_image())
-    if keep is None:
+    else:  # the strategy's paper default
         from .strategies.base import get_strategy_class
 
-        keep = getattr(get_strategy_class(strategy or "none"), "default_keep", 1.0)
-    built = build_strategy(strategy, keep, options)
+        keep = getattr(get_strategy_class(first or "none"), "default_keep", 1.0)
+    built = build_strategy(strategy, keep, options, processor)
     adapter.check(built)
     policy = build_policy(kv, kv_budget, kv_options)
     if policy is not None:

@@ -77,7 +77,7 @@ def demo(args) -> int:
     rows = [("unpatched", None, base_ms, 1.0, _answer(model, processor, inputs))]
     panels = [overlay_kept(image, [], (1, 1), size=size, dim=0.0, title="input (as the model sees it)")]
     for name in args.strategy:
-        with vtc.patched(model, name, keep=args.keep) as handle:
+        with vtc.patched(model, name, keep=args.keep, processor=processor) as handle:
             ms = _prefill_ms(model, inputs)
             answer = _answer(model, processor, inputs)
             with torch.no_grad():

@@ -63,6 +63,16 @@ def tiny_qwen_tokenizer():
     )
 
 
+def special_token_ids(tok) -> dict[str, int]:
+    """The config's ids of the vision tokens (image / video pads, vision start / end) in the tokenizer `tok`."""
+    return dict(
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_PAD),
+        video_token_id=tok.convert_tokens_to_ids(VIDEO_PAD),
+        vision_start_token_id=tok.convert_tokens_to_ids(VISION_START),
+        vision_end_token_id=tok.convert_tokens_to_ids(VISION_END),
+    )
+
+
 def tiny_qwen_vl_config(
     family: str = "qwen2_vl",
     *,
@@ -77,7 +87,6 @@ def tiny_qwen_vl_config(
     """Config of a tiny Qwen2-VL (`family="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`, window attention in the
     vision blocks not listed in `fullatt_block_indexes`; a window is `window_size` px = 2x2 merged tokens)."""
     tok = tiny_qwen_tokenizer()
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in [("image", IMAGE_PAD), ("video", VIDEO_PAD)]}
     text = dict(
         vocab_size=len(tok),
         hidden_size=text_hidden,
@@ -92,12 +101,7 @@ def tiny_qwen_vl_config(
         eos_token_id=tok.eos_token_id,
         bos_token_id=None,
     )
-    common = dict(
-        image_token_id=ids["image"],
-        video_token_id=ids["video"],
-        vision_start_token_id=tok.convert_tokens_to_ids(VISION_START),
-        vision_end_token_id=tok.convert_tokens_to_ids(VISION_END),
-    )
+    common = special_token_ids(tok)
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig
 
@@ -144,21 +148,34 @@ def tiny_qwen_vl(family: str = "qwen2_vl", *, seed: int = 0, attn_implementation
     return cls._from_config(config, attn_implementation=attn_implementation).eval()
 
 
+def _fill(sample: str, placeholder: str, fills: list[str]) -> str:
+    """Replace each `placeholder` in `sample`, in order, by the next item popped from the front of `fills`."""
+    parts, out = sample.split(placeholder), []
+    for i, part in enumerate(parts):
+        if i:
+            out.append(fills.pop(0))
+        out.append(part)
+    return "".join(out)
+
+
 class TinyQwenVLProcessor:
     """Offline stand-in for `Qwen2VLProcessor`: tokenizer + Qwen2-VL image processor (PIL backend) + a frame-stack
     video path. `__call__(text=[...], images=[...], videos=[...])` expands each <|image_pad|> / <|video_pad|>
     into grid_t * grid_h * grid_w / 4 tokens and returns input_ids, attention_mask, mm_token_type_ids,
     pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw (as HF's processor does)."""
 
-    def __init__(self, min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 16):
+    patch = PATCH  # px per patch side (Qwen3-VL's subclass uses 16)
+
+    def __init__(self, min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 16, **image_processor_kwargs):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         self.tokenizer = tiny_qwen_tokenizer()
         self.image_processor = Qwen2VLImageProcessorPil(
             size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-            patch_size=PATCH,
+            patch_size=self.patch,
             merge_size=MERGE,
             temporal_patch_size=TEMPORAL,
+            **image_processor_kwargs,
         )
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
@@ -178,37 +195,31 @@ class TinyQwenVLProcessor:
             raise ValueError("all frames of a video must have the same size")
         _, gh, gw = grids[0].tolist()
         n = gh * gw
+        p = self.patch
         # each frame's patches hold the frame twice along the temporal axis: keep one copy, pair the frames
-        patches = out["pixel_values"].view(len(frames), n, 3, TEMPORAL, PATCH, PATCH)[:, :, :, 0]
-        patches = patches.view(len(frames) // TEMPORAL, TEMPORAL, n, 3, PATCH, PATCH).permute(0, 2, 3, 1, 4, 5)
-        return patches.reshape(-1, 3 * TEMPORAL * PATCH * PATCH), [len(frames) // TEMPORAL, gh, gw]
+        patches = out["pixel_values"].view(len(frames), n, 3, TEMPORAL, p, p)[:, :, :, 0]
+        patches = patches.view(len(frames) // TEMPORAL, TEMPORAL, n, 3, p, p).permute(0, 2, 3, 1, 4, 5)
+        return patches.reshape(-1, 3 * TEMPORAL * p * p), [len(frames) // TEMPORAL, gh, gw]
+
+    def _video_text(self, grid: list[int]) -> str:
+        """What one <|video_pad|> placeholder expands into: grid_t * grid_h * grid_w / 4 <|video_pad|> tokens."""
+        t, h, w = grid
+        return VIDEO_PAD * (t * h * w // MERGE**2)
 
     def __call__(self, text: list[str], images: list | None = None, videos: list | None = None, padding=True, **_):
         data: dict = {}
-        image_tokens, video_tokens = [], []
+        image_texts, video_texts = [], []
         if images:
             out = self.image_processor(images=images, return_tensors="pt")
             data["pixel_values"], data["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
-            image_tokens = (out["image_grid_thw"].prod(-1) // MERGE**2).tolist()
+            image_texts = [IMAGE_PAD * n for n in (out["image_grid_thw"].prod(-1) // MERGE**2).tolist()]
         if videos:
             pixels, grids = zip(*(self._video(list(v)) for v in videos))
             data["pixel_values_videos"] = torch.cat(pixels)
             data["video_grid_thw"] = torch.tensor(grids)
-            video_tokens = [t * h * w // MERGE**2 for t, h, w in grids]
-        expanded = []
-        for sample in text:
-            parts, out = sample.split(IMAGE_PAD), []
-            for i, part in enumerate(parts):
-                if i:
-                    out.append(IMAGE_PAD * image_tokens.pop(0))
-                out.append(part)
-            parts, sample = "".join(out).split(VIDEO_PAD), []
-            for i, part in enumerate(parts):
-                if i:
-                    sample.append(VIDEO_PAD * video_tokens.pop(0))
-                sample.append(part)
-            expanded.append("".join(sample))
-        if image_tokens or video_tokens:
+            video_texts = [self._video_text(g) for g in grids]
+        expanded = [_fill(_fill(sample, IMAGE_PAD, image_texts), VIDEO_PAD, video_texts) for sample in text]
+        if image_texts or video_texts:
             raise ValueError("more images/videos than <|image_pad|>/<|video_pad|> placeholders in the text")
         enc = self.tokenizer(expanded, return_tensors="pt", padding=padding)
         ids = enc["input_ids"]

@@ -1,4 +1,5 @@
-"""`vtc.train`: train a strategy's own parameters (DyVTE's routers) with the VLM frozen.
+"""`vtc.train`: train a strategy's own parameters with the VLM frozen (DyVTE's routers here; p-MoD's routers
+and ATP's threshold modules in vtc/train_pmod.py and vtc/train_atp.py).
 
     result = vtc.train(model, strategy="dyvte", data=samples, processor=processor, steps=200, save="dyvte.safetensors")
     handle = vtc.patch(model, strategy="dyvte", weights="dyvte.safetensors")
@@ -15,6 +16,7 @@ batch 128. Here k is a layer before which the loop drops tokens, 1 .. L-1 (route
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-TRAINABLE = ("dyvte",)
+TRAINABLE = ("dyvte", "atp", "pmod")
 IGNORE = -100
+DEFAULT_LR = {"dyvte": 6e-5, "pmod": 1e-3, "atp": 3e-3}
 
 
 @dataclass
@@ -136,58 +139,12 @@ def exit_labels(full, exited, labels, tail, agreement: float = 0.99, loss_ratio:
     return ((agree > agreement) & (exit_loss < loss_ratio * full_loss)).long()
 
 
-def train(
-    model: torch.nn.Module,
-    strategy: str = "dyvte",
-    data: Iterable | None = None,
-    *,
-    steps: int | None = None,
-    lr: float = 6e-5,
-    save: str | Path | None = None,
-    processor=None,
-    batch_size: int = 8,
-    exit_layers: list[int] | None = None,
-    warmup_ratio: float = 0.03,
-    seed: int = 0,
-    progress: bool = True,
-) -> TrainResult:
-    """Train `strategy`'s parameters on `data` with `model` frozen; save them as safetensors to `save`.
+def make_optimizer(params, lr: float, steps: int | None, data, processor, batch_size: int, warmup_ratio: float):
+    """AdamW (no weight decay) with linear warm-up then cosine decay over the run; returns (optimizer,
+    scheduler, total steps or None when `data` has no length and `steps` is None)."""
+    import math
 
-    Args:
-        model: a supported VLM (not patched); its weights are never changed.
-        strategy: a trainable strategy: "dyvte".
-        data: processed batches (dicts of model inputs + `labels`, -100 except on the answer at the end of
-            each left-padded row) or raw samples: (image, question, answer) tuples or `vtc.data.make_scene_qa`
-            dicts, encoded with `processor`'s chat template in batches of `batch_size`.
-        steps: optimiser steps (None: one pass over `data`, as the paper; a list is re-read to reach `steps`).
-        lr: AdamW learning rate (paper: 6e-5), no weight decay, `warmup_ratio` linear warm-up then cosine.
-        save: a .safetensors path for `vtc.patch(model, strategy, weights=save)`.
-        exit_layers: the layers k drawn at random per step (default 1 .. L-1).
-
-    Returns a TrainResult (the trained strategy, the router loss per step, the drawn layers)."""
-    from tqdm.auto import tqdm
-
-    from .api import _ACTIVE, patch
-    from .strategies.base import _normal
-    from .strategies.dyvte import DyVTE, make_routers, save_routers
-
-    if not isinstance(strategy, str) or _normal(strategy) not in TRAINABLE:
-        raise ValueError(f"vtc.train trains {', '.join(TRAINABLE)}; got strategy={strategy!r}")
-    if data is None:
-        raise TypeError("vtc.train needs data=...: processed batches or (image, question, answer) samples")
-    if model in _ACTIVE:
-        raise RuntimeError("vtc.train needs the unpatched model: call handle.unpatch() first")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps={steps}: pass a positive number of steps, or None for one pass over data")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n_layers, hidden = config.num_hidden_layers, config.hidden_size
-    layers = list(exit_layers) if exit_layers is not None else list(range(1, n_layers))
-    if not layers or any(not 1 <= k < n_layers for k in layers):
-        raise ValueError(f"exit_layers={exit_layers}: pass layers in [1, {n_layers - 1}]")
-    device = next(model.parameters()).device
-    routers = make_routers(hidden, n_layers, seed=seed).to(device).train()
-    dyvte = DyVTE.with_routers(routers)
-    optimizer = torch.optim.AdamW(routers.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = steps
     if total is None and hasattr(data, "__len__"):
         total = len(data) if processor is None else -(-len(data) // batch_size)
@@ -198,58 +155,166 @@ def train(
             return (step + 1) / warmup
         if not total:
             return 1.0
-        import math
-
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    rng = random.Random(seed)
-    result = TrainResult(strategy=dyvte)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), total
+
+
+def _text_config(model: torch.nn.Module, steps: int | None):
+    """Fail early for a patched model or steps < 1; the model's text config (its decoder's sizes)."""
+    from .api import _ACTIVE
+
+    if model in _ACTIVE:
+        raise RuntimeError("vtc.train needs the unpatched model: call handle.unpatch() first")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps={steps}: pass a positive number of steps, or None for one pass over data")
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def _answer_batch(batch: dict, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A training batch on `device`: (the model inputs, labels, tail = each row's answer tokens, and anything
+    after the first, at its end); fails when a sample has no answer token."""
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    labels = batch.pop("labels")
+    answer = labels != IGNORE
+    if not bool(answer.any(1).all()):
+        raise ValueError("every sample needs answer tokens: labels other than -100 at the end of its row")
+    first = torch.where(answer, torch.arange(labels.shape[1], device=device), labels.shape[1]).min(1).values
+    return batch, labels, labels.shape[1] - first
+
+
+def _optimizer_step(optimizer, scheduler, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module, freeze: bool = True):
+    """The model in eval mode for the block (with `freeze`, every parameter's requires_grad off too); afterwards
+    its training mode and each parameter's requires_grad as they were."""
     was_training = model.training
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.eval()
-    handle = patch(model, dyvte)
+    if freeze:
+        model.requires_grad_(False)
     try:
-        bar = tqdm(total=total, disable=not progress, desc="vtc.train dyvte")
-        for batch in _stream(data, processor, batch_size, steps):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            labels = batch.pop("labels")
-            answer = labels != IGNORE
-            if not bool(answer.any(1).all()):
-                raise ValueError("every sample needs answer tokens: labels other than -100 at the end of its row")
-            first = torch.where(answer, torch.arange(labels.shape[1], device=device), labels.shape[1]).min(1).values
-            tail = labels.shape[1] - first  # answer tokens (and anything after the first) at the end of each row
-            k = rng.choice(layers)
-            with torch.no_grad():
-                dyvte._tail, dyvte._record, dyvte._force = tail, {}, None
-                full = model(**batch).logits
-                record = dyvte._record
-                dyvte._record, dyvte._force = None, k
-                exited = model(**batch).logits
-            if k not in record or bool((record["visual_tail"] < tail + 1).any()):
-                raise ValueError("each sample's answer must come after its images and at least one prompt token")
-            target = exit_labels(full, exited, labels, tail)
-            logits = routers[k - 1](record[k].detach())
-            loss = torch.nn.functional.cross_entropy(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            result.losses.append(loss.item())
-            result.exit_layers.append(k)
-            result.exit_fraction.append(float(target.float().mean()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.losses[-1]:.4f}", layer=k, exit=f"{result.exit_fraction[-1]:.2f}")
-        bar.close()
+        yield model
     finally:
-        dyvte._tail, dyvte._record, dyvte._force = None, None, None
-        handle.unpatch()
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
         model.train(was_training)
-    routers.eval()
+
+
+def _finish(result: TrainResult, save: str | Path | None, write) -> TrainResult:
+    """Fail when no step ran; else `write(path)` the trained weights to `save` (when given) and return `result`."""
     if not result.losses:
         raise ValueError("vtc.train got no data: pass at least one sample")
     if save is not None:
         save = Path(save)
         save.parent.mkdir(parents=True, exist_ok=True)
-        save_routers(routers, save)
+        write(save)
         result.path = save
     return result
+
+
+def train(
+    model: torch.nn.Module,
+    strategy: str = "dyvte",
+    data: Iterable | None = None,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    save: str | Path | None = None,
+    processor=None,
+    batch_size: int = 8,
+    exit_layers: list[int] | None = None,
+    warmup_ratio: float = 0.03,
+    seed: int = 0,
+    progress: bool = True,
+    **options,
+) -> TrainResult:
+    """Train `strategy`'s parameters on `data` with `model` frozen; save them as safetensors to `save`.
+
+    Args:
+        model: a supported VLM (not patched); its weights are never changed.
+        strategy: a trainable strategy: "dyvte", "pmod" (p-MoD's routers, vtc/train_pmod.py) or "atp"
+            (ATP's threshold modules, vtc/train_atp.py); `**options` go to the latter two.
+        data: processed batches (dicts of model inputs + `labels`, -100 except on the answer at the end of
+            each left-padded row) or raw samples: (image, question, answer) tuples or `vtc.data.make_scene_qa`
+            dicts, encoded with `processor`'s chat template in batches of `batch_size`.
+        steps: optimiser steps (None: one pass over `data`, as the paper; a list is re-read to reach `steps`).
+        lr: AdamW learning rate; None takes the strategy's default (`DEFAULT_LR`: DyVTE's paper value 6e-5;
+            1e-3 for p-MoD's and 3e-3 for ATP's small modules, ours: they train alone on a frozen VLM), no
+            weight decay, `warmup_ratio` linear warm-up then cosine.
+        save: a .safetensors path for `vtc.patch(model, strategy, weights=save)`.
+        exit_layers: the layers k drawn at random per step (default 1 .. L-1).
+
+    Returns a TrainResult (the trained strategy, the router loss per step, the drawn layers)."""
+    from tqdm.auto import tqdm
+
+    from .api import patch
+    from .strategies.base import _normal
+    from .strategies.dyvte import DyVTE, make_routers, save_routers
+
+    if not isinstance(strategy, str) or _normal(strategy) not in TRAINABLE:
+        raise ValueError(f"vtc.train trains {', '.join(TRAINABLE)}; got strategy={strategy!r}")
+    if data is None:
+        raise TypeError("vtc.train needs data=...: processed batches or (image, question, answer) samples")
+    if lr is None:
+        lr = DEFAULT_LR[_normal(strategy)]
+    if _normal(strategy) == "pmod":  # p-MoD's routers: vtc/train_pmod.py (option: keep, the schedule)
+        from .train_pmod import train_pmod
+
+        return train_pmod(model, data, steps=steps, lr=lr, save=save, processor=processor, batch_size=batch_size,
+                          warmup_ratio=warmup_ratio, seed=seed, progress=progress, **options)
+    if _normal(strategy) == "atp":  # ATP's thresholds: vtc/train_atp.py (options: keep, layers, stride, ...)
+        from .train_atp import train_atp
+
+        return train_atp(model, data, steps=steps, lr=lr, save=save, processor=processor, batch_size=batch_size,
+                         warmup_ratio=warmup_ratio, seed=seed, progress=progress, **options)
+    if options:
+        raise TypeError(f"vtc.train got options {sorted(options)} that strategy {strategy!r} does not take")
+    config = _text_config(model, steps)
+    n_layers, hidden = config.num_hidden_layers, config.hidden_size
+    layers = list(exit_layers) if exit_layers is not None else list(range(1, n_layers))
+    if not layers or any(not 1 <= k < n_layers for k in layers):
+        raise ValueError(f"exit_layers={exit_layers}: pass layers in [1, {n_layers - 1}]")
+    device = next(model.parameters()).device
+    routers = make_routers(hidden, n_layers, seed=seed).to(device).train()
+    dyvte = DyVTE.with_routers(routers)
+    optimizer, scheduler, total = make_optimizer(routers.parameters(), lr, steps, data, processor, batch_size,
+                                                 warmup_ratio)
+    rng = random.Random(seed)
+    result = TrainResult(strategy=dyvte)
+    with _eval_mode(model, freeze=False):
+        handle = patch(model, dyvte)
+        try:
+            bar = tqdm(total=total, disable=not progress, desc="vtc.train dyvte")
+            for batch in _stream(data, processor, batch_size, steps):
+                batch, labels, tail = _answer_batch(batch, device)
+                k = rng.choice(layers)
+                with torch.no_grad():
+                    dyvte._tail, dyvte._record, dyvte._force = tail, {}, None
+                    full = model(**batch).logits
+                    record = dyvte._record
+                    dyvte._record, dyvte._force = None, k
+                    exited = model(**batch).logits
+                if k not in record or bool((record["visual_tail"] < tail + 1).any()):
+                    raise ValueError("each sample's answer must come after its images and at least one prompt token")
+                target = exit_labels(full, exited, labels, tail)
+                logits = routers[k - 1](record[k].detach())
+                loss = torch.nn.functional.cross_entropy(logits, target)
+                _optimizer_step(optimizer, scheduler, loss)
+                result.losses.append(loss.item())
+                result.exit_layers.append(k)
+                result.exit_fraction.append(float(target.float().mean()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.losses[-1]:.4f}", layer=k, exit=f"{result.exit_fraction[-1]:.2f}")
+            bar.close()
+        finally:
+            dyvte._tail, dyvte._record, dyvte._force = None, None, None
+            handle.unpatch()
+    routers.eval()
+    return _finish(result, save, lambda path: save_routers(routers, path))

@@ -13,6 +13,7 @@ class Adapter:
 
     name: str = ""
     model_classes: tuple[str, ...] = ()
+    vision_merge: bool = False  # runs token merging inside the vision tower (ToMe placement="vision")
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -70,6 +71,21 @@ class Adapter:
                     f"strategy {strategy.name!r} prunes before decoder layer {layer}, but the "
                     f"language model has {n_llm} layers: pass a layer in [1, {n_llm - 1}]"
                 )
+        members = getattr(strategy, "members", [strategy])
+        if not self.vision_merge and any(getattr(m, "placement", None) == "vision" for m in members):
+            raise NotImplementedError(
+                f"ToMe inside the vision tower (placement='vision') is implemented for LLaVA-1.5's CLIP tower only, "
+                f"not for {type(self.model).__name__}: use placement='pre_llm' (one merge before the LLM)"
+            )
+        needs_cls = [m.name for m in members if getattr(m, "needs_cls_token", False)]
+        if needs_cls and not (hasattr(self, "has_cls") and self.has_cls()):
+            raise ValueError(
+                f"strategy {needs_cls[0]!r} needs the vision tower's own [CLS] token (a surrogate would be another "
+                f"method), and this model's vision tower has none; choose a strategy that does not (e.g. fopru, fastv)"
+            )
+        for member in members:  # what only the strategy knows about a model (e.g. QuoTA's self-scoring families)
+            if hasattr(member, "check_model"):
+                member.check_model(self.model)
         for kind, layers in strategy.vision_probes(self.num_vision_layers(), self.feature_layer()).items():
             for layer in layers:
                 if not 0 <= layer < self.num_vision_layers():
@@ -95,6 +111,13 @@ class Adapter:
         self._pending_visual = None
         self._probes = {}
 
+    def after_decoder_layer(self, layer: int, seq) -> torch.Tensor | None:
+        """Prefill hook of the decoder loop, called after decoder layer `layer` with the current `Sequence`
+        (hidden, positions, valid, vis_index: each row's flat visual-token index, -1 for text; dropped tokens
+        are gone). Returns the hidden states to continue with, or None to leave them (the default). Qwen3-VL
+        adds its DeepStack features to the visual tokens that are still there."""
+        return None
+
     def take_visual_mask(self) -> torch.Tensor | None:
         visual, self._pending_visual = self._pending_visual, None
         return visual
@@ -109,6 +132,33 @@ class Adapter:
                         f"has {n_images}: run the vision tower and the language model in one call"
                     )
         return self._probes
+
+
+class CapturedUnits:
+    """Mixin for adapters that record, while the vision tower runs, the prompt's units (`self._layout`: LLaVA-NeXT
+    base images, crops and frames, InternVL tiles) and the probes per unit (`self._unit_probes`); the prefill
+    reads them back, checked. `unit_names` says what the units are in the error messages."""
+
+    unit_names = "unit"
+
+    def visual_layout(self, visual: torch.Tensor, n_visual: int) -> VisualLayout:
+        layout = self._layout
+        if layout is None or sum(layout.counts) != n_visual:
+            raise RuntimeError("the visual tokens of this forward were not captured: call the whole model")
+        self.last_layout = layout
+        return layout
+
+    def vision_probes(self, layout: VisualLayout) -> dict[str, dict[int, torch.Tensor]]:
+        wanted = self.decoder.handle.strategy.vision_probes(self.num_vision_layers(), self.feature_layer())
+        for kind, layers in wanted.items():
+            missing = [layer for layer in layers if layer not in self._unit_probes.get(kind, {})]
+            if missing:
+                raise RuntimeError(
+                    f"the {kind} probe at vision layers {missing} was not captured for every {self.unit_names} of "
+                    "this forward: run the vision tower and the language model in one call"
+                )
+        self._probes = self._unit_probes
+        return super().vision_probes(layout)
 
 
 _ADAPTERS: list[type[Adapter]] = []

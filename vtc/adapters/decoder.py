@@ -246,6 +246,8 @@ class PrunedDecoder:
         if n_visual and strategy.has_pre_llm:
             seq = self._prune(seq, "pre_llm", layout, selections, vision=handle.adapter.vision_probes(layout))
         prune_layers = set(strategy.prune_layers(len(self.layers))) if n_visual else set()
+        router = _layer_router(strategy) if n_visual else None  # layer routing (p-MoD), see _routed_layer
+        route_layers = set(router.route_layers(len(self.layers))) if router is not None else set()
         segments = [Segment(0, seq.valid, seq.positions, seq.vis_index)]
         implementation = self.lm.config._attn_implementation
         position_embeddings = self.lm.rotary_emb(seq.hidden, seq.positions)
@@ -260,6 +262,15 @@ class PrunedDecoder:
                 mask = attention_mask_4d(seq.valid, seq.hidden.shape[1], 0, implementation, seq.hidden.dtype)
             if i + 1 in prune_layers:
                 llm_probe = self._llm_probe(layer, seq, position_embeddings, n_visual)
+            if i in route_layers:
+                if want_hidden:
+                    all_hidden.append(seq.hidden)
+                probe = self._llm_probe(layer, seq, position_embeddings, n_visual) if router.route_probe else None
+                seq = self._routed_layer(i, layer, seq, router, layout, selections, segments, probe, cache, use_cache)
+                injected = handle.adapter.after_decoder_layer(i, seq)
+                if injected is not None:
+                    seq.hidden = injected
+                continue
             if kv is not None:
                 kv.observe_prefill(i, layer, seq.hidden, position_embeddings, seq.valid)
             if want_hidden:
@@ -272,6 +283,9 @@ class PrunedDecoder:
                 past_key_values=cache if use_cache else None,
                 use_cache=use_cache,
             )
+            injected = handle.adapter.after_decoder_layer(i, seq)  # e.g. Qwen3-VL's DeepStack features
+            if injected is not None:
+                seq.hidden = injected
         hidden = self.lm.norm(seq.hidden)
         if want_hidden:
             all_hidden.append(hidden)
@@ -337,16 +351,19 @@ class PrunedDecoder:
                         probe=llm_probe,
                         layout=layout,
                         lm=self.lm,
+                        model=handle.model,  # the whole VLM (QuoTA scores frames with it, unpatched)
+                        vision=vision,  # every unit's vision probes (HiRED budgets crops from the base image)
                     ),
                 )
                 sel, merged = _as_selection(strategy.select(visual))
             sel = sel.to(device)
             if sel.dtype == torch.bool:  # a keep-mask (I, n): images of one group may keep different counts
-                if merged is not None:
-                    raise ValueError("a keep-mask selection cannot carry merged features; return sorted indices")
                 keep_flat[token_index[sel]] = True
+                if merged is not None:  # (I, n, D): the rows at kept tokens replace their features (QuoTA)
+                    merged_rows.append(where[token_index[sel]])
+                    merged_values.append(merged[sel])
                 for row, image in enumerate(image_ids):
-                    chosen[image] = (token_ids[row][sel[row]], None)
+                    chosen[image] = (token_ids[row][sel[row]], merged[row][sel[row]] if merged is not None else None)
                 continue
             kept_tokens = token_index.gather(1, sel)
             keep_flat[kept_tokens.reshape(-1)] = True
@@ -363,6 +380,56 @@ class PrunedDecoder:
             seq = Sequence(hidden_flat.view(b, length, -1), seq.positions, seq.valid, seq.vis_index)
         keep = (seq.vis_index < 0) | keep_flat[seq.vis_index.clamp(min=0)]
         return seq.compact(keep)
+
+    def _routed_layer(self, i, layer, seq: Sequence, router, layout, selections, segments, probe, cache, use_cache):
+        """Layer routing (p-MoD): the text and the visual tokens `router.route` picks run through layer i, at
+        their original positions under a causal mask among themselves, and only they enter layer i's KV cache
+        (its CacheState validity comes from the Segment appended here); the layer's MLP output is scaled by
+        each token's weight w. Visual tokens that skip the layer leave it as w * x. Every token returns for
+        layer i + 1 (a second Segment restores the full sequence). Weights None: w = 1."""
+        handle, kv = self.handle, self.handle.kv_policy
+        is_vis = (seq.vis_index >= 0) & seq.valid
+        run, weights = router.route(i, dict(sequence=seq, probe=probe, layout=layout, lm=self.lm))
+        n_visual = sum(layout.counts)
+        last = handle._last["selections"].get(("route", i)) if handle.reuse_selection and handle._last else None
+        if last is not None and last.shape[0] == n_visual:  # recompute from the same routing (reuse_selection)
+            run = last.to(run.device)[seq.vis_index.clamp(min=0)]
+        run = run & is_vis
+        flat = torch.zeros(n_visual, dtype=torch.bool, device=run.device)
+        flat[seq.vis_index[run]] = True
+        selections[("route", i)] = flat
+        keep = ~is_vis | run
+        index, used = compact_index(keep)
+        sub = seq.compact(keep)
+        implementation = self.lm.config._attn_implementation
+        position_embeddings = self.lm.rotary_emb(sub.hidden, sub.positions)
+        mask = attention_mask_4d(sub.valid, sub.hidden.shape[1], 0, implementation, sub.hidden.dtype)
+        if kv is not None:
+            kv.observe_prefill(i, layer, sub.hidden, position_embeddings, sub.valid)
+        hook = None
+        if weights is not None:
+            w_sub = weights.gather(1, index).masked_fill(sub.vis_index < 0, 1.0)  # text and padding: w = 1
+            hook = layer.mlp.register_forward_hook(lambda module, args, out: out * w_sub[..., None].to(out.dtype))
+        try:
+            out = layer(
+                sub.hidden,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=sub.positions,
+                past_key_values=cache if use_cache else None,
+                use_cache=use_cache,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        hidden = seq.hidden
+        if weights is not None:
+            hidden = torch.where(is_vis[..., None], hidden * weights[..., None].to(hidden.dtype), hidden)
+        rows = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
+        hidden = hidden.index_put((rows[used], index[used]), out[used])
+        segments.append(Segment(i, sub.valid, sub.positions, sub.vis_index))
+        segments.append(Segment(i + 1, seq.valid, seq.positions, seq.vis_index))
+        return Sequence(hidden, seq.positions, seq.valid, seq.vis_index)
 
     def _llm_probe(self, layer, seq: Sequence, position_embeddings, n_visual: int) -> dict:
         """At the layer before a pruning point: the strategy's text queries' attention to each visual token
@@ -432,6 +499,13 @@ class PrunedDecoder:
         return BaseModelOutputWithPast(last_hidden_state=self.lm.norm(hidden), past_key_values=state.cache)
 
 
+def _layer_router(strategy):
+    """The strategy (or member of a composition) that routes visual tokens through layers: it has
+    `route_layers(num_layers) -> layers`, `route_probe` (bool: wants the layer's text-to-visual attention
+    rows as context["probe"]) and `route(layer, context) -> (run (B, L) bool, weights (B, L) or None)`."""
+    return next((m for m in getattr(strategy, "members", [strategy]) if callable(getattr(m, "route", None))), None)
+
+
 def _probe_rows(by_layer: dict, image_ids: torch.Tensor, token_ids: torch.Tensor) -> dict:
     """Vision probes (images, heads, N) restricted to some images and, per image, to its alive tokens."""
     out = {}
@@ -455,7 +529,12 @@ def _reused_selection(handle, stage, image_ids: list[int], token_ids: torch.Tens
     mask = torch.zeros(token_ids.shape, dtype=torch.bool, device=token_ids.device)
     for row, (sel, _) in enumerate(parts):
         mask[row, sel[0].to(mask.device)] = True
-    return mask, None
+    if any(m is None for _, m in parts):
+        return mask, None
+    merged = parts[0][1].new_zeros(*token_ids.shape, parts[0][1].shape[-1])  # a keep-mask with merged rows
+    for row, (sel, m) in enumerate(parts):
+        merged[row, sel[0].to(mask.device)] = m[0].to(merged.dtype)
+    return mask, merged
 
 
 def _as_selection(result) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -8,6 +8,7 @@ import torch
 from ..probes import vit_attention_received, vit_cls_attention, vit_keys
 from .base import Adapter, register_adapter
 from .decoder import VisualLayout
+from .vit_merge import TowerMerge, merge_probe, vision_merge_plan
 
 VISION_PROBES = {"cls": vit_cls_attention, "received": vit_attention_received, "keys": vit_keys}
 
@@ -16,6 +17,7 @@ VISION_PROBES = {"cls": vit_cls_attention, "received": vit_attention_received, "
 class LlavaAdapter(Adapter):
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+    vision_merge = True  # ToMe in the CLIP tower (vit_merge.py)
 
     @property
     def vision_layers(self):
@@ -51,6 +53,7 @@ class LlavaAdapter(Adapter):
                 f"strategy {strategy.name!r} reads [CLS] attention, but this vision tower "
                 f"({type(self.inner.vision_tower).__name__}) has no [CLS] token; choose a strategy that does not"
             )
+        vision_merge_plan(strategy, self)  # an in-tower merge plan that does not fit the tower fails here
 
     def install_capture(self, handle) -> None:
         image_token_id = self.model.config.image_token_id
@@ -76,6 +79,13 @@ class LlavaAdapter(Adapter):
                         self._probe_hook(kind, layer, drop_cls), with_kwargs=True
                     )
                 )
+        plan = vision_merge_plan(handle.strategy, self)
+        if plan is not None:  # ToMe inside the vision tower; TowerMerge.remove() restores the layers at unpatch
+
+            def report(state, layer=plan["layer"]):
+                self._probes.setdefault("merge", {})[layer] = merge_probe(state, drop_cls)
+
+            self._hooks.append(TowerMerge(self.vision_layers, plan, report))
 
     def _probe_hook(self, kind: str, layer: int, drop_cls: bool):
         probe = VISION_PROBES[kind]

@@ -45,7 +45,7 @@ import inspect
 import torch
 
 from ..probes import vit_attention_received
-from .base import register_adapter
+from .base import CapturedUnits, register_adapter
 from .decoder import VisualLayout
 from .llava import VISION_PROBES, LlavaAdapter
 
@@ -66,9 +66,11 @@ class _Record:
 
 
 @register_adapter
-class LlavaNextAdapter(LlavaAdapter):
+class LlavaNextAdapter(CapturedUnits, LlavaAdapter):
     name = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    unit_names = "image/frame"
+    vision_merge = False  # ToMe in the tower: LLaVA-1.5 only (crops would need the merge probe through packing)
     has_video = False
 
     def __init__(self, model: torch.nn.Module):
@@ -339,25 +341,6 @@ class LlavaNextAdapter(LlavaAdapter):
             members=members,
         )
         return visual
-
-    def visual_layout(self, visual: torch.Tensor, n_visual: int) -> VisualLayout:
-        layout = self._layout
-        if layout is None or sum(layout.counts) != n_visual:
-            raise RuntimeError("the visual tokens of this forward were not captured: call the whole model")
-        self.last_layout = layout
-        return layout
-
-    def vision_probes(self, layout: VisualLayout) -> dict[str, dict[int, torch.Tensor]]:
-        wanted = self.decoder.handle.strategy.vision_probes(self.num_vision_layers(), self.feature_layer())
-        for kind, layers in wanted.items():
-            missing = [layer for layer in layers if layer not in self._unit_probes.get(kind, {})]
-            if missing:
-                raise RuntimeError(
-                    f"the {kind} probe at vision layers {missing} was not captured for every image/frame of this "
-                    "forward: run the vision tower and the language model in one call"
-                )
-        self._probes = self._unit_probes
-        return super().vision_probes(layout)
 
 
 def kept_by_unit(handle, stage: str = "final") -> list[list[dict]]:

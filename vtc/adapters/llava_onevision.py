@@ -57,7 +57,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 for f in range(frames)
             ]
 
-        records = [_Record(length, newline, units(), dict(frames=frames, grid=grid)) for _ in range(batch)]
+        # the normalised frames ride along in the video's info (QuoTA can score them with a separate scorer VLM)
+        records = [
+            _Record(length, newline, units(), dict(frames=frames, grid=grid, pixels=pixels[v])) for v in range(batch)
+        ]
         for kind, by_layer in self._raw_probes.items():
             for layer, rows in by_layer.items():
                 if rows.shape[0] != batch * frames:

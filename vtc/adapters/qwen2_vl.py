@@ -202,7 +202,8 @@ class QwenVLAdapter(Adapter):
         if self._calls_used:  # a new vision run: the records of the last prefill are done with
             self._vision_calls, self._calls_used = [], False
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        record = {"grid": grid.detach().clone(), "probes": {}}
+        pixels = kwargs.get("hidden_states", args[0] if args else None)  # the processor's patches (QuoTA's scorer)
+        record = {"grid": grid.detach().clone(), "probes": {}, "pixels": pixels}
         if hasattr(module, "fullatt_block_indexes"):  # Qwen2.5-VL: patches are permuted window by window
             from transformers.vision_utils import get_vision_window_index
 
@@ -306,6 +307,7 @@ class QwenVLAdapter(Adapter):
                 {"kind": kind, "index": source, "t": frame, "grid": grid} for _, kind, source, frame, grid, _ in units
             ],
             "cls_surrogate": CLS_SURROGATE,
+            "video_pixels": (sources["video"].get("pixels"), sources["video"]["grid"]) if "video" in sources else None,
         }
         self.last_layout = VisualLayout(counts, [u[4] for u in units], sample_of, extras)
         return self.last_layout

@@ -40,7 +40,8 @@ class VisualTokens:
     token_ids: (I, N) each token's index in its image's raster grid (in-LLM stages see survivors only).
     stage: "pre_llm", or the decoder layer index before which the selection applies.
     context: what the adapter has besides (the current sequence, the LLM probe of the layer before,
-        each image's sample), for strategies that need more than the above (e.g. DART's text pivots).
+        each image's sample, the layout, every unit's vision probes as `vision`), for strategies that need
+        more than the above (e.g. DART's text pivots, HiRED's crop budgets from the base image).
     """
 
     features: torch.Tensor
@@ -115,7 +116,8 @@ class Strategy:
     def select(self, visual: VisualTokens) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(I, k) sorted indices into each image's current tokens, kept in their order; or a pair
         (indices, merged features (I, k, D)) for strategies that merge what they drop into what they keep;
-        or a bool keep-mask (I, N) when the images of one call keep different counts (e.g. DyVTE's exits)."""
+        or a bool keep-mask (I, N) when the images of one call keep different counts (e.g. DyVTE's exits),
+        optionally with merged features (I, N, D) whose rows at kept tokens replace them (QuoTA)."""
         if visual.budget >= visual.num_tokens:
             return torch.arange(visual.num_tokens, device=visual.features.device).expand(visual.num_images, -1)
         return top_k_sorted(self.score(visual), visual.budget)
@@ -228,31 +230,35 @@ class Composed(Strategy):
         return " + ".join(m.describe() for m in self.members)
 
 
-def build_strategy(strategy, keep: float | int, options: dict) -> Strategy:
-    """A Strategy from a name, an instance, or a list of them (a composition, first member gets `keep`)."""
+def build_strategy(strategy, keep: float | int, options: dict, processor=None) -> Strategy:
+    """A Strategy from a name, an instance, or a list of them (a composition, first member gets `keep`).
+
+    `processor` (the model's) goes to the strategies whose constructor takes one (QuoTA); the others ignore it."""
     if isinstance(strategy, (list, tuple)):
         members = []
         for i, member in enumerate(strategy):
             name, member_options = member if isinstance(member, tuple) else (member, {})
             if i == 0:
                 member_options = {**options, **member_options}
-                members.append(build_strategy(name, member_options.pop("keep", keep), member_options))
+                members.append(build_strategy(name, member_options.pop("keep", keep), member_options, processor))
             else:
                 member_keep = member_options.pop("keep", None)
                 if member_keep is None and not isinstance(name, Strategy):
                     member_keep = getattr(get_strategy_class(name), "default_keep", 1.0)
-                members.append(build_strategy(name, member_keep, member_options))
+                members.append(build_strategy(name, member_keep, member_options, processor))
         return Composed(members)
     if isinstance(strategy, Strategy):
         if options:
             raise TypeError("pass options to the Strategy constructor, not to patch(), when giving an instance")
         return strategy
     cls = get_strategy_class("none" if strategy is None else strategy)
+    import inspect
+
+    if processor is not None and "processor" in inspect.signature(cls.__init__).parameters:
+        options = {"processor": processor, **options}
     try:
         return cls(keep=keep, **options)
     except TypeError as err:
-        import inspect
-
         params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "keep")]
         raise TypeError(f"{err}; options of strategy {cls.name!r}: {', '.join(params) or 'none'}") from None
 
