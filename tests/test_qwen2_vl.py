@@ -253,3 +253,14 @@ def test_bad_inputs_fail_clearly(qprocessor, qbatch):
             with pytest.raises(ValueError, match="no video token"):
                 model(**video_only)
     assert "forward" not in vars(model.model.language_model)
+
+
+def test_int_keep_is_an_upper_bound_per_image_on_dynamic_resolution():
+    """Image sizes are only known at run time here, so an int keep caps each image: a small image keeps all of
+    its tokens, a larger one exactly `keep` (no error, unlike fixed-grid models where patch() checks it)."""
+    model, processor = tiny_qwen_vl("qwen2_vl", seed=1), tiny_qwen_processor()
+    inputs = qwen_inputs(processor, ["What?", "What?"], images=[[make_image(0, size=56)], [make_image(1, size=112)]])
+    with torch.no_grad(), vtc.patched(model, "vtc_cls", keep=9) as handle:
+        model(**inputs)
+        report = handle.report()
+    assert [(s.visual_in, s.visual_after_pre_llm) for s in report.samples] == [(4, 4), (16, 9)]
