@@ -262,27 +262,22 @@ class PrunedDecoder:
                 mask = attention_mask_4d(seq.valid, seq.hidden.shape[1], 0, implementation, seq.hidden.dtype)
             if i + 1 in prune_layers:
                 llm_probe = self._llm_probe(layer, seq, position_embeddings, n_visual)
-            if i in route_layers:
-                if want_hidden:
-                    all_hidden.append(seq.hidden)
-                probe = self._llm_probe(layer, seq, position_embeddings, n_visual) if router.route_probe else None
-                seq = self._routed_layer(i, layer, seq, router, layout, selections, segments, probe, cache, use_cache)
-                injected = handle.adapter.after_decoder_layer(i, seq)
-                if injected is not None:
-                    seq.hidden = injected
-                continue
-            if kv is not None:
-                kv.observe_prefill(i, layer, seq.hidden, position_embeddings, seq.valid)
             if want_hidden:
                 all_hidden.append(seq.hidden)
-            seq.hidden = layer(
-                seq.hidden,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                position_ids=seq.positions,
-                past_key_values=cache if use_cache else None,
-                use_cache=use_cache,
-            )
+            if i in route_layers:
+                probe = self._llm_probe(layer, seq, position_embeddings, n_visual) if router.route_probe else None
+                seq = self._routed_layer(i, layer, seq, router, layout, selections, segments, probe, cache, use_cache)
+            else:
+                if kv is not None:
+                    kv.observe_prefill(i, layer, seq.hidden, position_embeddings, seq.valid)
+                seq.hidden = layer(
+                    seq.hidden,
+                    attention_mask=mask,
+                    position_embeddings=position_embeddings,
+                    position_ids=seq.positions,
+                    past_key_values=cache if use_cache else None,
+                    use_cache=use_cache,
+                )
             injected = handle.adapter.after_decoder_layer(i, seq)  # e.g. Qwen3-VL's DeepStack features
             if injected is not None:
                 seq.hidden = injected
