@@ -71,21 +71,8 @@ class Adapter:
                     f"strategy {strategy.name!r} prunes before decoder layer {layer}, but the "
                     f"language model has {n_llm} layers: pass a layer in [1, {n_llm - 1}]"
                 )
-        members = getattr(strategy, "members", [strategy])
-        if not self.vision_merge and any(getattr(m, "placement", None) == "vision" for m in members):
-            raise NotImplementedError(
-                f"ToMe inside the vision tower (placement='vision') is implemented for LLaVA-1.5's CLIP tower only, "
-                f"not for {type(self.model).__name__}: use placement='pre_llm' (one merge before the LLM)"
-            )
-        needs_cls = [m.name for m in members if getattr(m, "needs_cls_token", False)]
-        if needs_cls and not (hasattr(self, "has_cls") and self.has_cls()):
-            raise ValueError(
-                f"strategy {needs_cls[0]!r} needs the vision tower's own [CLS] token (a surrogate would be another "
-                f"method), and this model's vision tower has none; choose a strategy that does not (e.g. fopru, fastv)"
-            )
-        for member in members:  # what only the strategy knows about a model (e.g. QuoTA's self-scoring families)
-            if hasattr(member, "check_model"):
-                member.check_model(self.model)
+        for member in getattr(strategy, "members", [strategy]):  # what only the strategy knows it needs
+            member.check_adapter(self)
         for kind, layers in strategy.vision_probes(self.num_vision_layers(), self.feature_layer()).items():
             for layer in layers:
                 if not 0 <= layer < self.num_vision_layers():
@@ -110,6 +97,10 @@ class Adapter:
         self.decoder = None
         self._pending_visual = None
         self._probes = {}
+
+    def has_cls(self) -> bool:
+        """Whether the vision tower has a real [CLS] token (adapters whose towers do say so)."""
+        return False
 
     def after_decoder_layer(self, layer: int, seq) -> torch.Tensor | None:
         """Prefill hook of the decoder loop, called after decoder layer `layer` with the current `Sequence`

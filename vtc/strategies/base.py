@@ -90,6 +90,10 @@ class Strategy:
     def describe(self) -> str:
         return self.name
 
+    def check_adapter(self, adapter) -> None:
+        """Fail at patch(), naming the fix, when this model cannot run the strategy (the adapter has already
+        checked layers and probes); the default accepts every adapter."""
+
     needs_keys: bool = False  # in-LLM: the probe also returns the layer's keys and input hidden states
 
     @property

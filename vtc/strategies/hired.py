@@ -123,7 +123,6 @@ class HiRED(Strategy):
     stage = "pre_llm"
     paper = "Arif et al., AAAI 2025, arXiv:2408.10945"
     default_keep = 0.2
-    needs_cls_token = True  # a [CLS] surrogate (Qwen-VL's) is refused at patch()
 
     def __init__(
         self,
@@ -145,6 +144,13 @@ class HiRED(Strategy):
         self.notes: list[str] = []
         self.budgets: dict[int, int] = {}  # unit -> tokens asked, filled by the last pre-LLM selection
         self._layers: tuple[int, int | None] = (budget_layer, select_layer)  # resolved by vision_probes
+
+    def check_adapter(self, adapter) -> None:
+        if not adapter.has_cls():  # a [CLS] surrogate (Qwen-VL's) would be another method
+            raise ValueError(
+                f"strategy {self.name!r} needs the vision tower's own [CLS] token (a surrogate would be another "
+                f"method), and this model's vision tower has none; choose a strategy that does not (e.g. fopru, fastv)"
+            )
 
     def vision_probes(self, num_layers: int, feature_layer: int) -> dict[str, list[int]]:
         select = feature_layer if self.select_layer is None else self.select_layer

@@ -227,9 +227,9 @@ class QuoTA(Strategy):
         self._layout = None
         self._stats = {"frames": 0, "forwards": 0, "seconds": 0.0, "cot": 0}
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_adapter(self, adapter) -> None:
         """Refuse at patch() a video model whose frames this strategy cannot score with the model itself."""
-        name = type(model).__name__
+        name = type(adapter.model).__name__
         if self.scorer is None and self.scorer_model is None and name.startswith("Qwen3VL"):
             raise ValueError(
                 f"quota scores video frames with the model itself on LLaVA-OneVision and Qwen2-VL/Qwen2.5-VL, not "

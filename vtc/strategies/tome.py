@@ -133,6 +133,13 @@ class ToMe(Strategy):
                 )
         return {"schedule": schedule, "prop_attn": self.prop_attn, "layer": feature_layer}
 
+    def check_adapter(self, adapter) -> None:
+        if self.placement == "vision" and not adapter.vision_merge:
+            raise NotImplementedError(
+                f"ToMe inside the vision tower (placement='vision') is implemented for LLaVA-1.5's CLIP tower only, "
+                f"not for {type(adapter.model).__name__}: use placement='pre_llm' (one merge before the LLM)"
+            )
+
     def vision_probes(self, num_layers: int, feature_layer: int) -> dict[str, list[int]]:
         if self.metric != "keys" or self.placement == "vision":
             return {}
