@@ -2,21 +2,25 @@
 
 The model is a real `transformers.LlavaForConditionalGeneration`: a CLIP ViT with a [CLS] token (224 px
 images, 16 px patches: 196 visual tokens), the LLaVA MLP projector and a Llama decoder, with a word-level
-tokenizer over the task's vocabulary. Training has two stages, both on freshly generated batches (batch
-`step` is drawn from seed `vtc.data.train_seed(step)`, never the held-out seed):
+tokenizer over the task's vocabulary. Training has two stages; every picture comes from a training stream
+(batch `step` of the vision stage from seed `vtc.data.train_seed(step)`), never from the held-out seed:
 
 1. vision: the ViT alone, on auxiliary objectives: the [CLS] output predicts which (colour, shape) pairs are
    in the picture (multi-label, as CLIP's [CLS] summarises the picture, so its attention points at the
-   objects), and every patch token predicts the (colour, shape) pair covering it and whether an object's
-   centre lies in it;
+   objects), and every patch token predicts the (colour, shape) pair covering it, whether an object's centre
+   lies in it, and its own row and column (without these, a linear probe finds no position in the patch
+   features, and position questions stay at chance);
 2. vqa: the projector and the decoder on the answers, the ViT frozen as stage 1 left it (`--freeze-vision`,
    the default: no backward pass through the ViT). Each picture is one conversation of up to
    `--questions-per-image` turns of different kinds (the first turn in the inference format), with the loss
    on every answer word and its </s>: one pass over the 196 visual tokens serves five answers. A
-   projector-alignment loss points the visual tokens of an object like the word embeddings of its colour and
-   shape.
+   projector-alignment loss (the role of LLaVA's stage-1 pretraining) points the visual tokens of an object
+   like the word embeddings of its colour and its shape. The decoder's RoPE base
+   is 1e6 (as in Qwen2), so that most rotary frequencies barely turn across the ~250 tokens of a prompt.
+   With the ViT frozen, its features of `--cache-images` pictures (training stream `CACHE_SEED`) are computed
+   once and kept in the work directory; every step then draws fresh questions about cached pictures.
 
-The shipped weights: `--steps-vision 300 --steps-vqa 1500 --threads 1` (the defaults below otherwise).
+The shipped weights: the defaults below, `--threads 2` (assets/tiny_vlm/README.md says how they were run).
 
     python eval/train_tiny_vlm.py                 # full run (resumes from out/tiny_vlm/checkpoint.pt)
     python eval/train_tiny_vlm.py --smoke         # a few steps on one batch: asserts the loss goes down
@@ -53,6 +57,7 @@ GRID = data.IMAGE_SIZE // PATCH
 PAIRS = [(c, s) for c in data.COLOURS for s in data.SHAPES]
 PAIR_INDEX = {p: i for i, p in enumerate(PAIRS)}
 MIN_PATCH_PIXELS = 16  # a patch is labelled with an object when it covers at least this many pixels of it
+CACHE_SEED = 500_000  # the training stream of the VQA stage's feature cache (the vision stage uses 0 .. steps)
 
 
 @dataclass
@@ -61,7 +66,7 @@ class TrainConfig:
 
     seed: int = 0
     steps_vision: int = 300
-    steps_vqa: int = 1500
+    steps_vqa: int = 4400
     images_vision: int = 32
     images_vqa: int = 16
     questions_per_image: int = 5  # turns per conversation in the VQA stage
@@ -72,10 +77,12 @@ class TrainConfig:
     warmup: int = 50
     aux_weight_vqa: float = 0.3
     align_weight: float = 1.0
+    cache_images: int = 6000  # frozen-ViT VQA stage: features of this many pictures, computed once (0: fresh)
     vision_hidden: int = 128
     vision_layers: int = 4
     text_hidden: int = 128
     text_layers: int = 4
+    rope_theta: float = 1e6  # long wavelengths: content, not distance, decides what the answer attends to
 
 
 # --- tokenizer, processor, model ------------------------------------------------------------------------
@@ -142,6 +149,7 @@ def build_model(tokenizer, cfg: TrainConfig):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -163,11 +171,14 @@ class AuxHeads(torch.nn.Module):
         self.cls = torch.nn.Linear(hidden, len(PAIRS))
         self.patch = torch.nn.Linear(hidden, len(PAIRS) + 1)
         self.centre = torch.nn.Linear(hidden, 1)
+        self.row = torch.nn.Linear(hidden, GRID)
+        self.col = torch.nn.Linear(hidden, GRID)
 
 
 # --- batches --------------------------------------------------------------------------------------------
-def scene_targets(objects: list[dict], mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pairs present (P,), per-patch pair label (GRID*GRID,) with P = background, per-patch centre flag)."""
+def scene_targets(objects: list[dict], mask: np.ndarray) -> dict[str, torch.Tensor]:
+    """Per-picture targets: "present" (P,) pairs in the picture; per patch (GRID*GRID,): "patch_label" (the pair
+    covering it, P = background) and "centre" (an object's centre lies in it)."""
     present = torch.zeros(len(PAIRS))
     label = torch.full((GRID * GRID,), len(PAIRS), dtype=torch.long)
     centre = torch.zeros(GRID * GRID)
@@ -180,7 +191,7 @@ def scene_targets(objects: list[dict], mask: np.ndarray) -> tuple[torch.Tensor, 
         best[take] = cover[take]
         label[torch.from_numpy(take.reshape(-1))] = pair
         centre[(obj["y"] // PATCH) * GRID + obj["x"] // PATCH] = 1
-    return present, label, centre
+    return {"present": present, "patch_label": label, "centre": centre}
 
 
 def prompt(processor, question: str) -> str:
@@ -208,37 +219,85 @@ def answer_labels(input_ids: torch.Tensor, assistant_id: int, colon_id: int) -> 
     return labels
 
 
-def make_batch(processor, seed: int, n_images: int, questions: int) -> dict:
-    """`n_images` fresh scenes of stream `seed`; each image's row is a conversation of up to `questions` turns
-    of different kinds (at least one; the first turn has the inference format).
-
-    Returns pixel values (n_images, ...), aux targets, and the token batch (one left-padded row per image)
-    with `labels` on every answer word and its </s>."""
-    images, texts, targets = [], [], []
-    for i in range(n_images):
+def draw_scenes(seed: int, indices: range) -> list[dict]:
+    """Pictures `indices` of stream `seed`, each with its objects, targets and the rng that asks its questions."""
+    scenes = []
+    for i in indices:
         rng = np.random.default_rng((seed, i))
         image, objects, mask = data.render_scene(rng)
-        asked = []
-        for kind in rng.permutation(data.KINDS):
-            qa = data.ask(str(kind), objects, rng)
-            if qa is not None:
-                asked.append(qa)
-            if len(asked) == questions:
-                break
-        images.append(image)
-        targets.append(scene_targets(objects, mask))
-        texts.append(conversation(processor, asked))
-    n_image_tokens = GRID * GRID
-    texts = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens) for t in texts]
+        scenes.append({"image": image, "objects": objects, "targets": scene_targets(objects, mask), "rng": rng})
+    return scenes
+
+
+def ask_conversation(objects: list[dict], rng: np.random.Generator, questions: int) -> list[tuple[str, str, bool]]:
+    """Up to `questions` (question, answer, small) turns of different kinds about one picture (at least one)."""
+    asked = []
+    for kind in rng.permutation(data.KINDS):
+        qa = data.ask(str(kind), objects, rng)
+        if qa is not None:
+            asked.append(qa)
+        if len(asked) == questions:
+            break
+    return asked
+
+
+def make_batch(processor, scenes: list[dict], questions: int, with_pixels: bool = True) -> dict:
+    """One row per scene: a conversation of up to `questions` turns of different kinds (the first turn in the
+    inference format), asked with each scene's rng.
+
+    Returns the token batch (left padded) with `labels` on every answer word and its </s>, the stacked scene
+    targets and, if `with_pixels`, the pixels."""
+    texts = [conversation(processor, ask_conversation(sc["objects"], sc["rng"], questions)) for sc in scenes]
+    texts = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * (GRID * GRID)) for t in texts]
     tok = processor.tokenizer
     tokens = tok(texts, return_tensors="pt", padding=True)
     labels = answer_labels(tokens["input_ids"], *tok.convert_tokens_to_ids(["ASSISTANT", ":"]))
-    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    present, label, centre = (torch.stack(t) for t in zip(*targets))
-    pair_word_ids = torch.tensor([tok.convert_tokens_to_ids(list(p)) for p in PAIRS])
-    return {"pixel_values": pixel_values, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-            "labels": labels, "present": present, "patch_label": label, "centre": centre,
-            "pair_word_ids": pair_word_ids}
+    batch = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"], "labels": labels,
+             "pair_word_ids": torch.tensor([tok.convert_tokens_to_ids(list(p)) for p in PAIRS])}
+    for key in scenes[0]["targets"]:
+        batch[key] = torch.stack([scene["targets"][key] for scene in scenes])
+    if with_pixels:
+        batch["pixel_values"] = processor.image_processor([sc["image"] for sc in scenes], return_tensors="pt")[
+            "pixel_values"]
+    return batch
+
+
+@torch.no_grad()
+def build_feature_cache(model, processor, n: int, chunk: int = 32, progress: bool = True) -> dict:
+    """Frozen-ViT features (n, GRID*GRID, D) fp16 of the pictures of stream `CACHE_SEED`, with their objects
+    and targets: the VQA stage then skips drawing, preprocessing and the ViT at every step."""
+    was_training = model.training
+    model.eval()
+    features, scenes = [], []
+    for start in tqdm(range(0, n, chunk), desc="feature cache", disable=not progress, dynamic_ncols=True):
+        drawn = draw_scenes(CACHE_SEED, range(start, min(start + chunk, n)))
+        pixels = processor.image_processor([s["image"] for s in drawn], return_tensors="pt")["pixel_values"]
+        features.append(vision_forward(model, pixels)[0].half())
+        scenes += [{"objects": s["objects"], "targets": s["targets"]} for s in drawn]
+    model.train(was_training)
+    return {"features": torch.cat(features), "scenes": scenes}
+
+
+def load_or_build_cache(model, processor, path: Path, n: int, progress: bool = True) -> dict:
+    """The VQA stage's feature cache: read from `path` when it holds `n` pictures, else built and written."""
+    if path.exists():
+        cache = torch.load(path, weights_only=False)
+        if len(cache["scenes"]) == n:
+            return cache
+    cache = build_feature_cache(model, processor, n, progress=progress)
+    torch.save(cache, path)
+    return cache
+
+
+def cached_batch(processor, cache: dict, step: int, n_images: int, questions: int) -> dict:
+    """Batch `step` of the cached VQA stage: `n_images` cached pictures, fresh questions (seeded by step)."""
+    rng = np.random.default_rng((data.train_seed(step), CACHE_SEED))
+    picks = rng.choice(len(cache["scenes"]), size=n_images, replace=False)
+    scenes = [{**cache["scenes"][i], "rng": np.random.default_rng((data.train_seed(step), int(i)))} for i in picks]
+    batch = make_batch(processor, scenes, questions, with_pixels=False)
+    batch["picks"] = torch.from_numpy(picks)
+    batch["features"] = cache["features"][batch["picks"]].float()
+    return batch
 
 
 # --- forward --------------------------------------------------------------------------------------------
@@ -252,11 +311,15 @@ def vision_forward(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def aux_loss(heads: AuxHeads, patches: torch.Tensor, pooled: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Multi-label [CLS] loss + per-patch pair and centre losses."""
+    """Multi-label [CLS] loss + per-patch pair, centre and own row/column losses (the last two keep where a patch
+    lies in its feature, which position questions need)."""
     cls = F.binary_cross_entropy_with_logits(heads.cls(pooled), batch["present"])
     patch = F.cross_entropy(heads.patch(patches).flatten(0, 1), batch["patch_label"].flatten())
     centre = F.binary_cross_entropy_with_logits(heads.centre(patches).squeeze(-1), batch["centre"])
-    return cls + patch + centre
+    index = torch.arange(GRID * GRID).expand(patches.shape[0], -1).flatten()
+    row = F.cross_entropy(heads.row(patches).flatten(0, 1), index // GRID)
+    col = F.cross_entropy(heads.col(patches).flatten(0, 1), index % GRID)
+    return cls + patch + centre + row + col
 
 
 def align_loss(model, projected: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -337,7 +400,7 @@ def train(cfg: TrainConfig, workdir: Path, out_dir: Path | None, ckpt_every: int
     step, log = 0, []
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
-        architecture = ("seed", "vision_hidden", "vision_layers", "text_hidden", "text_layers")
+        architecture = ("seed", "vision_hidden", "vision_layers", "text_hidden", "text_layers", "rope_theta")
         if any(state["config"].get(k) != getattr(cfg, k) for k in architecture):
             raise ValueError(f"{ckpt_path} was written for another model; delete it or pass the same options")
         model.load_state_dict(state["model"])
@@ -348,7 +411,8 @@ def train(cfg: TrainConfig, workdir: Path, out_dir: Path | None, ckpt_every: int
     total = cfg.steps_vision + cfg.steps_vqa
     losses: list[float] = []
     bar = tqdm(total=total, initial=step, disable=not progress, dynamic_ncols=True)
-    cached: dict[str, dict] = {}
+    fixed: dict[str, dict] = {}
+    cache = None
     started = time.time()
     while step < total and not (time_limit and time.time() - started > time_limit):
         vision_stage = step < cfg.steps_vision
@@ -361,14 +425,22 @@ def train(cfg: TrainConfig, workdir: Path, out_dir: Path | None, ckpt_every: int
             n_images, questions = cfg.images_vqa, cfg.questions_per_image
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if fixed_batch:
-            batch = cached.setdefault(stage, make_batch(processor, data.train_seed(0), n_images, questions))
-        else:
-            batch = make_batch(processor, data.train_seed(step), n_images, questions)
         frozen = cfg.freeze_vision and not vision_stage
-        with torch.set_grad_enabled(not frozen):
-            patches, pooled = vision_forward(model, batch["pixel_values"])
-            aux = aux_loss(heads, patches, pooled, batch)
+        use_cache = frozen and cfg.cache_images > 0 and not fixed_batch
+        if use_cache and cache is None:
+            cache = load_or_build_cache(model, processor, workdir / "features.pt", cfg.cache_images, progress)
+        if fixed_batch:
+            batch = fixed.setdefault(stage, make_batch(processor, draw_scenes(0, range(n_images)), questions))
+        elif use_cache:
+            batch = cached_batch(processor, cache, step, n_images, questions)
+        else:
+            batch = make_batch(processor, draw_scenes(data.train_seed(step), range(n_images)), questions)
+        if use_cache:
+            patches, aux = batch["features"], torch.tensor(float("nan"))
+        else:
+            with torch.set_grad_enabled(not frozen):
+                patches, pooled = vision_forward(model, batch["pixel_values"])
+                aux = aux_loss(heads, patches, pooled, batch)
         if vision_stage:
             loss, vqa = aux, torch.tensor(float("nan"))
         else:
@@ -386,7 +458,8 @@ def train(cfg: TrainConfig, workdir: Path, out_dir: Path | None, ckpt_every: int
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(stage=stage, aux=f"{aux.item():.3f}", vqa=f"{vqa.item():.3f}", lr=f"{lr:.1e}")
-        log.append(f"{step} {stage} aux={aux.item():.4f} vqa={vqa.item():.4f} t={time.time() - started:.0f}s")
+        log.append(f"{step} {stage} aux={aux.item():.4f} vqa={vqa.item():.4f} "
+                   f"t={time.time() - started:.0f}s")
         out_of_time = bool(time_limit and time.time() - started > time_limit)
         if step % ckpt_every == 0 or step == total or out_of_time:
             torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
