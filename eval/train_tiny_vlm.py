@@ -278,13 +278,20 @@ def build_feature_cache(model, processor, n: int, chunk: int = 32, progress: boo
     return {"features": torch.cat(features), "scenes": scenes}
 
 
+def vision_fingerprint(model) -> float:
+    """A checksum of the ViT's weights: a cache made by another ViT is not reused."""
+    return float(sum(p.double().sum() for p in model.model.vision_tower.parameters()))
+
+
 def load_or_build_cache(model, processor, path: Path, n: int, progress: bool = True) -> dict:
-    """The VQA stage's feature cache: read from `path` when it holds `n` pictures, else built and written."""
+    """The VQA stage's feature cache: read from `path` when it holds `n` pictures made by this model's ViT,
+    else built and written."""
+    fingerprint = vision_fingerprint(model)
     if path.exists():
         cache = torch.load(path, weights_only=False)
-        if len(cache["scenes"]) == n:
+        if len(cache["scenes"]) == n and cache.get("vision") == fingerprint:
             return cache
-    cache = build_feature_cache(model, processor, n, progress=progress)
+    cache = {**build_feature_cache(model, processor, n, progress=progress), "vision": fingerprint}
     torch.save(cache, path)
     return cache
 

@@ -154,6 +154,10 @@ def test_cached_batches_carry_the_frozen_vit_features_of_their_pictures(tmp_path
     for row, i in enumerate(batch["picks"].tolist()):
         torch.testing.assert_close(batch["features"][row], features[i], atol=2e-3, rtol=2e-3)
         assert torch.equal(batch["patch_label"][row], scenes[i]["targets"]["patch_label"])
+    # another ViT does not reuse the file: its features are computed again
+    other = train.build_model(processor.tokenizer, train.TrainConfig(seed=1, vision_layers=1, text_layers=1)).eval()
+    rebuilt = train.load_or_build_cache(other, processor, tmp_path / "features.pt", n=6, progress=False)
+    assert not torch.equal(rebuilt["features"], cache["features"])
 
 
 ANSWER_WORDS = {
