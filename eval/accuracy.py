@@ -153,10 +153,11 @@ def plot(table: dict, path: Path, n: int) -> None:
         base = table.get((UNPATCHED, 1.0), {}).get(group)
         if base is not None:
             ax.axhline(base["accuracy"], color="k", ls="--", lw=1, label="unpatched")
-        for strategy in strategies:
+        for i, strategy in enumerate(strategies):
             points = sorted((k, by[group]["accuracy"]) for (s, k), by in table.items() if s == strategy and group in by)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=strategy)
+            if points:  # 20 distinct colours, and a marker per colour cycle, so that no two lines look alike
+                ax.plot(*zip(*points), marker="os^Dv"[i // 10 % 5], color=plt.cm.tab20(2 * i % 20 + i // 10 % 2),
+                        label=strategy)
         total = base["total"] if base is not None else 0
         ax.set_title(f"{group} (n={total})")
         ax.set_xscale("log")
@@ -168,9 +169,10 @@ def plot(table: dict, path: Path, n: int) -> None:
         ax.set_xlabel("keep (fraction of visual tokens)")
     for ax in axes[:, 0]:
         ax.set_ylabel("held-out accuracy")
-    axes.flat[0].legend(fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=9)
     fig.suptitle(f"tiny VLM, synthetic grounding task: accuracy vs visual-token budget ({n} held-out samples)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
