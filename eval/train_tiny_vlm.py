@@ -288,7 +288,10 @@ def make_batch(processor, scenes: list[dict], per_kind: int, with_pixels: bool =
             position += range(prefix_len, prefix_len + len(branch))
             label += [-100] * (len(branch) - 2) + branch[-2:]
             kind_of += [data.KINDS.index(kind)] * len(branch)
-        rows.append(ids), segments.append(segment), positions.append(position), labels.append(label)
+        rows.append(ids)
+        segments.append(segment)
+        positions.append(position)
+        labels.append(label)
         kinds.append(kind_of)
     length = max(map(len, rows))
 
@@ -328,11 +331,11 @@ def grounding_weights(batch: dict, grounds: list[tuple], prefix_len: int) -> dic
             w[first_patch:prefix_len] = (batch["patch_label"][r] == PAIR_INDEX[target]).float()
         keep.append(bool(w.any()))
         weights.append(w)
-    keep_t = torch.tensor(keep, dtype=torch.bool)
-    column = [torch.tensor([g[i] for g in grounds], dtype=torch.long)[keep_t] for i in range(3)]
-    return {"ground_row": column[0], "ground_query": column[1], "ground_head": column[2],
-            "ground_weights": torch.stack(weights)[keep_t],
-            "ground_spread": torch.tensor([g[3] == "count" for g in grounds], dtype=torch.bool)[keep_t]}
+    kept = torch.tensor(keep, dtype=torch.bool)
+    rows, queries, heads, targets = zip(*grounds)
+    return {"ground_row": torch.tensor(rows)[kept], "ground_query": torch.tensor(queries)[kept],
+            "ground_head": torch.tensor(heads)[kept], "ground_weights": torch.stack(weights)[kept],
+            "ground_spread": torch.tensor([t == "count" for t in targets])[kept]}
 
 
 @torch.no_grad()

@@ -130,6 +130,14 @@ def _load_training_script():
     return module
 
 
+def _tiny_trainee(**overrides):
+    """The training script, its processor and a small randomly initialised model (eval mode)."""
+    train = _load_training_script()
+    processor = train.build_processor()
+    cfg = train.TrainConfig(**{"vision_layers": 1, "text_layers": 3, **overrides})
+    return train, processor, train.build_model(processor.tokenizer, cfg).eval()
+
+
 def test_training_smoke_lowers_the_loss():
     losses = _load_training_script().smoke(steps=3, images=2)  # asserts the loss of each stage goes down
     assert len(losses) == 6 and all(np.isfinite(losses))
@@ -137,9 +145,7 @@ def test_training_smoke_lowers_the_loss():
 
 
 def test_cached_batches_carry_the_frozen_vit_features_of_their_pictures(tmp_path):
-    train = _load_training_script()
-    processor = train.build_processor()
-    model = train.build_model(processor.tokenizer, train.TrainConfig(vision_layers=1, text_layers=1)).eval()
+    train, processor, model = _tiny_trainee(text_layers=1)
     cache = train.load_or_build_cache(model, processor, tmp_path / "features.pt", n=6, progress=False)
     assert (tmp_path / "features.pt").exists()
     batch = train.cached_batch(processor, cache, step=7, n_images=3, per_kind=2)
@@ -155,16 +161,9 @@ def test_cached_batches_carry_the_frozen_vit_features_of_their_pictures(tmp_path
         torch.testing.assert_close(batch["features"][row], features[i], atol=2e-3, rtol=2e-3)
         assert torch.equal(batch["patch_label"][row], scenes[i]["targets"]["patch_label"])
     # another ViT does not reuse the file: its features are computed again
-    other = train.build_model(processor.tokenizer, train.TrainConfig(seed=1, vision_layers=1, text_layers=1)).eval()
+    other = _tiny_trainee(seed=1, text_layers=1)[2]
     rebuilt = train.load_or_build_cache(other, processor, tmp_path / "features.pt", n=6, progress=False)
     assert not torch.equal(rebuilt["features"], cache["features"])
-
-
-def _tiny_trainee(**overrides):
-    train = _load_training_script()
-    processor = train.build_processor()
-    cfg = train.TrainConfig(vision_layers=1, text_layers=3, **overrides)
-    return train, processor, train.build_model(processor.tokenizer, cfg).eval()
 
 
 def test_question_branches_compute_each_question_as_its_own_prompt():
