@@ -10,9 +10,9 @@ import vtc
 from vtc.data import make_scene_qa
 from vtc.strategies.atp import ATP, grid_mask, make_modules, schedule
 from vtc.testing import llava_inputs, tiny_llava
-from vtc.testing_llava_next import next_inputs, tiny_llava_next, tiny_llava_next_processor
-from vtc.testing_qwen import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
-from vtc.train_atp import _soft_mask_hook
+from vtc.testing.llava_next import next_inputs, tiny_llava_next, tiny_llava_next_processor
+from vtc.testing.qwen2_vl import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
+from vtc.train.atp import _soft_mask_hook
 
 from .helpers import (
     announced_fallback_report,
@@ -247,7 +247,7 @@ def test_learned_thresholds_on_other_adapters(family, processor):
     """Crops (LLaVA-NeXT) and M-RoPE (Qwen2-VL): ragged learned selections, a batch equals its samples run
     alone, and generate with the cache equals recomputing from the same selection."""
     from vtc.testing import make_image
-    from vtc.testing_llava_next import make_wide_image
+    from vtc.testing.llava_next import make_wide_image
 
     questions = ["What is in the image?", "How many objects are there? Answer with one word."]
     if family == "llava_next":

@@ -11,14 +11,14 @@ import vtc
 from vtc.adapters.llava_next import kept_by_unit
 from vtc.strategies.hired import SINGLE_PARTITION_NOTE, allocate, chunk_regions, spatial_regions, total_budget
 from vtc.testing import llava_inputs, make_image, tiny_llava, tiny_llava_processor
-from vtc.testing_llava_next import (
+from vtc.testing.llava_next import (
     make_wide_image,
     next_inputs,
     tiny_llava_next,
     tiny_llava_next_processor,
     tiny_llava_onevision,
 )
-from vtc.testing_qwen import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
+from vtc.testing.qwen2_vl import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
 
 from .helpers import (
     assert_keep_one_is_identity,

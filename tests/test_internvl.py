@@ -7,7 +7,7 @@ import vtc
 from vtc.adapters.internvl import infer_tile_grid
 from vtc.adapters.llava_next import kept_by_unit
 from vtc.testing import make_image
-from vtc.testing_internvl import (
+from vtc.testing.internvl import (
     TOKENS_PER_TILE,
     internvl_inputs,
     internvl_video_inputs,

@@ -8,7 +8,7 @@ import torch
 import vtc
 from vtc.adapters.llava_next import kept_by_unit
 from vtc.testing import make_image
-from vtc.testing_llava_next import (
+from vtc.testing.llava_next import (
     make_video,
     make_wide_image,
     next_inputs,

@@ -10,9 +10,9 @@ import torch
 
 import vtc
 from vtc.testing import llava_inputs, make_image, tiny_llava, tiny_llava_processor
-from vtc.testing_internvl import internvl_inputs, tiny_internvl, tiny_internvl_processor
-from vtc.testing_internvl import make_wide_image as make_internvl_wide_image
-from vtc.testing_llava_next import (
+from vtc.testing.internvl import internvl_inputs, tiny_internvl, tiny_internvl_processor
+from vtc.testing.internvl import make_wide_image as make_internvl_wide_image
+from vtc.testing.llava_next import (
     make_video,
     make_wide_image,
     next_inputs,
@@ -22,9 +22,9 @@ from vtc.testing_llava_next import (
     tiny_llava_onevision,
     tiny_llava_onevision_processor,
 )
-from vtc.testing_qwen import make_video as make_qwen_video
-from vtc.testing_qwen import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
-from vtc.testing_qwen3 import qwen3_inputs, tiny_qwen3_processor, tiny_qwen3_vl
+from vtc.testing.qwen2_vl import make_video as make_qwen_video
+from vtc.testing.qwen2_vl import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
+from vtc.testing.qwen3_vl import qwen3_inputs, tiny_qwen3_processor, tiny_qwen3_vl
 
 from .helpers import until_eos
 

@@ -23,7 +23,7 @@ from vtc.strategies.quota import (
     reduce_frame,
     target_grid,
 )
-from vtc.testing_llava_next import (
+from vtc.testing.llava_next import (
     make_video,
     make_wide_image,
     next_inputs,
@@ -31,8 +31,8 @@ from vtc.testing_llava_next import (
     tiny_llava_onevision,
     tiny_llava_onevision_processor,
 )
-from vtc.testing_qwen import make_video as make_qwen_video
-from vtc.testing_qwen import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
+from vtc.testing.qwen2_vl import make_video as make_qwen_video
+from vtc.testing.qwen2_vl import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
 
 from .helpers import hook_count, instance_attributes, until_eos
 

@@ -6,7 +6,7 @@ import torch
 
 import vtc
 from vtc.testing import make_image
-from vtc.testing_qwen import make_video, qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
+from vtc.testing.qwen2_vl import make_video, qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
 
 from .helpers import (
     assert_batch_equals_each_sample_alone,

@@ -11,8 +11,8 @@ import torch
 
 import vtc
 from vtc.testing import make_image
-from vtc.testing_qwen import make_video
-from vtc.testing_qwen3 import qwen3_inputs, tiny_qwen3_processor, tiny_qwen3_vl
+from vtc.testing.qwen2_vl import make_video
+from vtc.testing.qwen3_vl import qwen3_inputs, tiny_qwen3_processor, tiny_qwen3_vl
 
 from .helpers import (
     assert_batch_equals_each_sample_alone,

@@ -13,7 +13,7 @@ import vtc
 from vtc.adapters.vit_merge import TowerMerge, merge_probe
 from vtc.strategies.tome import vision_schedule
 from vtc.testing import llava_inputs, make_image, tiny_llava, tiny_llava_processor
-from vtc.testing_llava_next import tiny_llava_next
+from vtc.testing.llava_next import tiny_llava_next
 
 from .helpers import full_embeds, greedy_recompute, hook_count, instance_attributes, kept_rows, until_eos
 

@@ -47,7 +47,7 @@ fallback keeps, at each module, exactly the scheduled count: the alive stride gr
 scores (when the grid alone exceeds the last module's budget, its stride grows until it fits, the same
 grid at every module).
 
-Weights: `vtc.train(model, strategy="atp", data=..., save="atp.safetensors")` (see `vtc/train_atp.py`);
+Weights: `vtc.train(model, strategy="atp", data=..., save="atp.safetensors")` (see `vtc/train/atp.py`);
 `vtc.patch(model, "atp", weights="atp.safetensors")` loads them (keys `modules.{j}.fc1.weight`, ...; the
 module layers are in the file's metadata).
 """

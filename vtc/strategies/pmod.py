@@ -32,7 +32,7 @@ Our choices:
   the last layer reaches only its own logits, which carry no label), so it keeps its zero init and picks the
   earliest visual tokens; this holds in the official code too.
 - training: the paper fine-tunes the whole MLLM with the routers; `vtc.train(model, "pmod", ...)` trains
-  only the routers, with the VLM frozen, on the LM loss of the answers (see `vtc/train_pmod.py`).
+  only the routers, with the VLM frozen, on the LM loss of the answers (see `vtc/train/pmod.py`).
 - without weights it does not pretend to be p-MoD: it warns at `patch()` and the report says so. The
   training-free fallback keeps the schedule with w = 1 (a skipped token passes unchanged) and routes the
   visual tokens that the last prompt token attends to most at that layer (mean over heads, computed from

@@ -349,7 +349,7 @@ class QuoTA(Strategy):
         if getattr(proc, "chat_template", None) and hasattr(proc, "apply_chat_template"):
             content = ([{"type": kind}] if kind else []) + [{"type": "text", "text": text}]
             return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        if hasattr(proc, "prompt"):  # vtc.testing_qwen's offline processor
+        if hasattr(proc, "prompt"):  # vtc.testing.qwen2_vl's offline processor
             return proc.prompt(text, int(image), int(video))
         raise ValueError("quota needs a processor with a chat template (apply_chat_template) to build its prompts")
 

@@ -192,7 +192,7 @@ def tiny_vlm_dir():
     """Where the trained tiny VLM's files live: assets/tiny_vlm at the repository root (a `pathlib.Path`)."""
     from pathlib import Path
 
-    return Path(__file__).resolve().parents[1] / "assets" / "tiny_vlm"
+    return Path(__file__).resolve().parents[2] / "assets" / "tiny_vlm"
 
 
 def load_tiny_vlm(path: str | None = None) -> tuple:

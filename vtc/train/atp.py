@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .train import (
+from .base import (
     IGNORE,
     TrainResult,
     _answer_batch,
@@ -108,9 +108,9 @@ def train_atp(
     total, answer and budget losses and the soft visual fraction per step, the target, the saved path."""
     from tqdm.auto import tqdm
 
-    from .api import patch
-    from .budget import validate_keep
-    from .strategies.atp import ATP, default_layers, make_modules, save_modules
+    from ..api import patch
+    from ..budget import validate_keep
+    from ..strategies.atp import ATP, default_layers, make_modules, save_modules
 
     validate_keep(keep)
     config = _text_config(model, steps)

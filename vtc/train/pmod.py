@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .train import (
+from .base import (
     IGNORE,
     TrainResult,
     _answer_batch,
@@ -60,8 +60,8 @@ def train_pmod(
     routers). Returns a TrainResult (the trained strategy, the answer loss per step, the saved path)."""
     from tqdm.auto import tqdm
 
-    from .api import patch
-    from .strategies.pmod import PMoD, make_routers, save_routers
+    from ..api import patch
+    from ..strategies.pmod import PMoD, make_routers, save_routers
 
     config = _text_config(model, steps)
     probe = PMoD.with_routers(torch.nn.ModuleDict(), keep, ratios)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .testing import _CORPUS, make_image
+from .llava import _CORPUS, make_image
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .testing import make_image, tiny_llava_config, tiny_tokenizer
+from .llava import make_image, tiny_llava_config, tiny_tokenizer
 
 if TYPE_CHECKING:
     from transformers import (

@@ -17,7 +17,7 @@ import math
 import torch
 from PIL import Image
 
-from .testing import IMAGE_TOKEN, make_image, tiny_llava_config, tiny_tokenizer
+from .llava import IMAGE_TOKEN, make_image, tiny_llava_config, tiny_tokenizer
 
 VIDEO_TOKEN = "<video>"
 IMAGE_SIZE = 42

@@ -1,7 +1,7 @@
 """Tiny Qwen3-VL models (dense and MoE) and an offline processor, for tests and demos.
 
 Everything is built offline: real transformers classes (`Qwen3VLForConditionalGeneration`,
-`Qwen3VLMoeForConditionalGeneration`) with random weights, the BPE tokenizer of `vtc.testing_qwen` (same
+`Qwen3VLMoeForConditionalGeneration`) with random weights, the BPE tokenizer of `vtc.testing.qwen2_vl` (same
 special tokens as Qwen2-VL / Qwen3-VL), and the Qwen2-VL image processor (PIL backend) with Qwen3-VL's 16 px
 patches, as `AutoImageProcessor` picks for Qwen3-VL. Videos are generated frame stacks patchified here the way
 Qwen3-VL's video processor does (pairs of frames form one temporal patch; its own processor needs torchvision,
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .testing_qwen import (
+from .qwen2_vl import (
     IMAGE_PAD,
     MERGE,
     TEMPORAL,
