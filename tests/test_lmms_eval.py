@@ -77,6 +77,22 @@ def test_model_args_reach_vtc():
         VTCModel(pretrained="vtc-tiny", keep=0.5)
 
 
+def test_strategy_none_patches_without_compression():
+    """`strategy=none` is vtc's no-compression run (reported), not the unpatched baseline (strategy absent)."""
+    utils = _task_utils()
+    doc = _docs()[0]
+    gen = {"max_new_tokens": 3, "temperature": 0, "until": ["\n"]}
+    request = [_request("generate_until", (utils.doc_to_text(doc), dict(gen), utils.doc_to_visual, 0, "t", "test"), 0)]
+    plain = _model()
+    none = VTCModel.create_from_arg_string("pretrained=vtc-tiny,strategy=none", {"batch_size": "1"})
+    none.task_dict = plain.task_dict
+    assert plain.handle is None and none.handle is not None and none.handle.strategy.name == "none"
+    assert none.generate_until(request) == plain.generate_until(request)
+    summary = none.vtc_summary()
+    assert summary["vtc_visual_in"] == summary["vtc_visual_kept"] == 36 and summary["vtc_keep_ratio"] == 1.0
+    assert summary["vtc_flops_ratio"] == pytest.approx(1.0)
+
+
 def test_batched_requests_match_one_at_a_time():
     """Left-padded batches of the patched model give what one request at a time gives (generate, loglikelihood)."""
     utils = _task_utils()

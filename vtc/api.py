@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from dataclasses import dataclass
 
@@ -103,6 +104,7 @@ class PatchHandle:
         """Restore the model exactly: hooks removed, the language model's own forward back."""
         if _ACTIVE.get(self.model) is self:
             self.adapter.uninstall()
+            _remove_copy_guards(self.model)
             del _ACTIVE[self.model]
 
     @property
@@ -254,6 +256,11 @@ def patch(
     """
     if model in _ACTIVE:
         raise RuntimeError("this model is already patched by vtc: call handle.unpatch() (or vtc.unpatch(model)) first")
+    if isinstance(strategy, (list, tuple)) and not strategy:
+        raise ValueError(
+            "an empty composition: pass a strategy name, a list of at least one (e.g. ['visionzip', 'fastv']), "
+            "or None for no compression"
+        )
     adapter = find_adapter(model)
     first = strategy[0] if isinstance(strategy, (list, tuple)) and strategy else strategy  # takes `keep`
     first = first[0] if isinstance(first, tuple) else first
@@ -272,13 +279,60 @@ def patch(
         policy.bind(adapter.language_model)
     handle = PatchHandle(model, adapter, built)
     handle.kv_policy = policy
+    handle._patch_args = dict(keep=keep, processor=processor)  # what a deep copy is patched with
     try:
         adapter.install(handle)
     except BaseException:
         adapter.uninstall()
         raise
+    _install_copy_guards(model, handle)
     _ACTIVE[model] = handle
     return handle
+
+
+def _install_copy_guards(model: torch.nn.Module, handle: PatchHandle) -> None:
+    """Instance attributes that `copy.deepcopy` and `pickle` look up on the object: a deep copy of a patched
+    model is patched like the original (its own handle, `vtc.unpatch(copy)` works); pickling is refused with
+    the fix, since the hooks on the model's modules are closures of this process."""
+
+    def deepcopy_patched(memo):
+        with _suspended(handle):
+            clone = copy.deepcopy(model, memo)
+        strategy = copy.deepcopy(handle.strategy, memo)
+        kv = copy.deepcopy(handle.kv_policy, memo) if handle.kv_policy is not None else None
+        patch(clone, strategy, handle._patch_args["keep"], kv=kv, processor=handle._patch_args["processor"])
+        return clone
+
+    def refuse_pickle(protocol=None):
+        raise TypeError(
+            f"a model patched by vtc cannot be pickled (torch.save(model) included): its hooks belong to this "
+            f"process. Save the weights instead (model.save_pretrained(path) or torch.save(model.state_dict(), "
+            f"path)) and call vtc.patch again after loading, or vtc.unpatch(model) first ({handle!r})"
+        )
+
+    vars(model).update(__deepcopy__=deepcopy_patched, __reduce_ex__=refuse_pickle, __reduce__=refuse_pickle)
+
+
+_COPY_GUARDS = ("__deepcopy__", "__reduce_ex__", "__reduce__")
+
+
+def _remove_copy_guards(model: torch.nn.Module) -> None:
+    for name in _COPY_GUARDS:
+        vars(model).pop(name, None)
+
+
+@contextlib.contextmanager
+def _suspended(handle: PatchHandle):
+    """The model as if unpatched for the block (hooks, forward and copy guards removed), then patched again with
+    the same handle, also after an error."""
+    adapter = handle.adapter
+    adapter.uninstall()
+    _remove_copy_guards(handle.model)
+    try:
+        yield
+    finally:
+        adapter.install(handle)
+        _install_copy_guards(handle.model, handle)
 
 
 def unpatch(model: torch.nn.Module) -> None:

@@ -85,6 +85,7 @@ class Adapter:
         lm = self.language_model
         self.decoder = PrunedDecoder(handle, lm, lm.forward)
         self.install_capture(handle)
+        self._hooks.append(self.model.register_forward_pre_hook(_refuse_labels, with_kwargs=True))
         lm.forward = self.decoder.forward  # instance attribute: the class is untouched
 
     def uninstall(self) -> None:
@@ -150,6 +151,16 @@ class CapturedUnits:
                 )
         self._probes = self._unit_probes
         return super().vision_probes(layout)
+
+
+def _refuse_labels(module, args, kwargs) -> None:
+    if kwargs.get("labels") is not None:
+        raise ValueError(
+            "labels= is not supported on a model patched by vtc: its logits cover the compacted sequence (dropped "
+            "visual tokens have no row), so they no longer line up with the labels. Compute the loss on the "
+            "unpatched model (vtc.unpatch(model) or `with vtc.patched(...)` around inference only); vtc.train "
+            "trains a strategy's own weights"
+        )
 
 
 _ADAPTERS: list[type[Adapter]] = []

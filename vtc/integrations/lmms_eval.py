@@ -166,7 +166,9 @@ class VTCModel(lmms):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.strategy = parse_value(strategy)
+        # "none" is a strategy here (patched, no compression: vtc's numbers at keep 1), not parse_value's None
+        none = isinstance(strategy, str) and strategy.strip().lower() == "none"
+        self.strategy = "none" if none else parse_value(strategy)
         self.handle = None
         if self.strategy is not None or kv is not None:
             self.handle = vtc.patch(

@@ -65,7 +65,7 @@ from torch import nn
 
 from ..budget import tokens_to_keep
 from ..probes import project_qk
-from .base import Strategy, VisualTokens, register_strategy, top_k_sorted
+from .base import Strategy, VisualTokens, check_weights_width, read_safetensors, register_strategy, top_k_sorted
 
 PAPER_LAYERS = (4, 14, 24)  # of 32
 MLP_HIDDEN = 256
@@ -117,11 +117,7 @@ def load_modules(path: str | Path) -> tuple[nn.ModuleList, list[int], int, int]:
             f"atp weights not found: {str(path)!r} is not a file; train them with vtc.train(model, strategy='atp', "
             f"data=..., save={str(path)!r}), or pass weights=None for the announced training-free fallback"
         )
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, meta = read_safetensors(path, "atp")
     if meta.get("strategy") != "atp" or "layers" not in meta:
         raise ValueError(f"{path} is not an ATP weight file written by vtc.train(model, strategy='atp')")
     layers = [int(x) for x in meta["layers"].split(",")]
@@ -318,6 +314,11 @@ class ATP(Strategy):
         warnings.warn(message, UserWarning, stacklevel=5)  # the caller of vtc.patch
         self.notes.append(message)
 
+    def check_adapter(self, adapter) -> None:
+        if self.modules is not None:
+            width = self.modules[0].fc1.in_features // 2
+            check_weights_width("atp", self.weights, width, adapter.language_model.config.hidden_size)
+
     def prune_layers(self, num_layers: int) -> list[int]:
         if self.trained_depth is not None and self.trained_depth != num_layers:
             raise ValueError(
@@ -414,11 +415,6 @@ class ATP(Strategy):
         text_mean = (rows * text[..., None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
         features = torch.cat([F.layer_norm(vis_mean, (dim,)), F.layer_norm(text_mean, (dim,))], dim=-1)
         module = self.modules[self.layers.index(stage)]
-        if module.fc1.in_features != 2 * dim:
-            raise ValueError(
-                f"atp weights take hidden size {module.fc1.in_features // 2}, this language model has {dim}: "
-                f"train weights for this model with vtc.train(model, strategy='atp', ...)"
-            )
         if module.fc1.weight.device != x.device:
             self.modules.to(x.device)
         if self.soft:

@@ -13,6 +13,7 @@ scores into selections. It never touches model internals: adapters do (see DESIG
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -241,7 +242,7 @@ def build_strategy(strategy, keep: float | int, options: dict, processor=None) -
     if isinstance(strategy, (list, tuple)):
         members = []
         for i, member in enumerate(strategy):
-            name, member_options = member if isinstance(member, tuple) else (member, {})
+            name, member_options = _composition_member(member)
             if i == 0:
                 member_options = {**options, **member_options}
                 members.append(build_strategy(name, member_options.pop("keep", keep), member_options, processor))
@@ -256,6 +257,7 @@ def build_strategy(strategy, keep: float | int, options: dict, processor=None) -
             raise TypeError("pass options to the Strategy constructor, not to patch(), when giving an instance")
         return strategy
     cls = get_strategy_class("none" if strategy is None else strategy)
+    _check_layer_options(cls.name, options)
     import inspect
 
     if processor is not None and "processor" in inspect.signature(cls.__init__).parameters:
@@ -265,6 +267,54 @@ def build_strategy(strategy, keep: float | int, options: dict, processor=None) -
     except TypeError as err:
         params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "keep")]
         raise TypeError(f"{err}; options of strategy {cls.name!r}: {', '.join(params) or 'none'}") from None
+
+
+def read_safetensors(path, strategy: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a strategy's weight file; a file that is not a readable safetensors file fails
+    with a message naming it (safetensors' own error names no file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{strategy} weights {str(path)!r} are not a readable safetensors file ({err}): write them again with "
+            f"vtc.train(model, strategy={strategy!r}, data=..., save=path)"
+        ) from None
+
+
+def check_weights_width(strategy: str, path, width: int, model_width: int) -> None:
+    """Fail at patch() when a strategy's weights were trained for a language model of another hidden size."""
+    if width != model_width:
+        source = f"weights {str(path)!r}" if path else "weights"
+        raise ValueError(
+            f"{strategy} {source} were trained for a language model with hidden size {width}, this "
+            f"one has {model_width}: train weights for this model with vtc.train(model, strategy={strategy!r}, ...)"
+        )
+
+
+def _composition_member(member) -> tuple:
+    """(name or Strategy, options dict) of one member of a composition list, or a TypeError naming the forms."""
+    if isinstance(member, (str, Strategy)):
+        return member, {}
+    if isinstance(member, tuple) and len(member) == 2 and isinstance(member[1], dict):
+        return member[0], dict(member[1])
+    raise TypeError(
+        f"composition member {member!r}: pass a strategy name, a Strategy instance, or a pair "
+        f"(name, {{option: value}}), e.g. ('fastv', {{'keep': 0.5, 'layer': 3}})"
+    )
+
+
+def _check_layer_options(strategy: str, options: dict) -> None:
+    """Layer options (`layer`, `*_layer`, `layers`) take ints: True would silently mean layer 1, 2.7 layer 2."""
+    for key, value in options.items():
+        if key != "layer" and not key.endswith("_layer") and key != "layers":
+            continue
+        values = value if key == "layers" and isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise TypeError(f"strategy {strategy!r}: {key}={value!r}; a layer is an int index, e.g. {key}=2")
 
 
 register_strategy(NoneStrategy)

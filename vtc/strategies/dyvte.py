@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import Strategy, VisualTokens, register_strategy
+from .base import Strategy, VisualTokens, check_weights_width, read_safetensors, register_strategy
 
 ROUTER_HIDDEN = 2048
 
@@ -79,10 +79,8 @@ def load_routers(path: str | Path) -> nn.ModuleList:
             f"vtc.train(model, strategy='dyvte', data=..., save={str(path)!r}), or pass weights=None for the "
             f"announced training-free fallback (exit_layer=... or attention_threshold=...)"
         )
-    from safetensors.torch import load_file
-
     state, pattern = {}, re.compile(r"(?:^|\.)(?:routers|visual_gates_router)\.(\d+)\.(w1|w2)\.weight$")
-    for key, value in load_file(str(path)).items():
+    for key, value in read_safetensors(path, "dyvte")[0].items():
         match = pattern.search(key)
         if match:
             state[(int(match.group(1)), match.group(2))] = value
@@ -203,6 +201,11 @@ class DyVTE(Strategy):
         )
         warnings.warn(message, UserWarning, stacklevel=5)  # the caller of vtc.patch
         self.notes.append(message)
+
+    def check_adapter(self, adapter) -> None:
+        if self.routers is not None:
+            width = self.routers[0].w1.in_features // 2
+            check_weights_width("dyvte", self.weights, width, adapter.language_model.config.hidden_size)
 
     # --- layers ------------------------------------------------------------------------------------
     def prune_layers(self, num_layers: int) -> list[int]:

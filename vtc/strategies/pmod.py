@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import Strategy, register_strategy
+from .base import Strategy, check_weights_width, read_safetensors, register_strategy
 
 SHIFT, MAX_RATIO, MIN_RATIO = 0.5, 0.85, 0.15  # the paper's shiftedcos_decay_0.85_0.15, mod_router_factor 0.5
 TANH_SCALE, TANH_BIAS = 0.2, 1.0  # the paper's tanh_0.2_1
@@ -130,10 +130,8 @@ def load_routers(path: str | Path) -> nn.ModuleDict:
             f"vtc.train(model, strategy='pmod', data=..., save={str(path)!r}), or pass weights=None for the "
             f"announced training-free fallback (attention-routed, w = 1)"
         )
-    from safetensors.torch import load_file
-
     state: dict[tuple[int, str], torch.Tensor] = {}
-    for key, value in load_file(str(path)).items():
+    for key, value in read_safetensors(path, "pmod")[0].items():
         match = next((m for m in (p.search(key) for p in _KEYS) if m), None)
         if match:
             state[(int(match.group(1)), match.group(2))] = value
@@ -231,6 +229,11 @@ class PMoD(Strategy):
         warnings.warn(message, UserWarning, stacklevel=5)  # the caller of vtc.patch
         self.notes.append(message)
 
+    def check_adapter(self, adapter) -> None:
+        if self.routers is not None:
+            width = next(iter(self.routers.values())).weight.shape[-1]
+            check_weights_width("pmod", self.weights, width, adapter.language_model.config.hidden_size)
+
     # --- the layer-routing hook (see vtc/adapters/decoder.py) ----------------------------------------
     @property
     def route_probe(self) -> bool:
@@ -274,10 +277,6 @@ class PMoD(Strategy):
             scores = flat[seq.vis_index.clamp(min=0)]
             return top_k_mask(scores, is_vis, k), None
         router = self.routers[str(layer)]
-        if router.weight.shape[-1] != seq.hidden.shape[-1]:
-            raise ValueError(
-                f"pmod routers take hidden size {router.weight.shape[-1]}, the model has {seq.hidden.shape[-1]}"
-            )
         if router.weight.device != seq.hidden.device:
             self.routers.to(seq.hidden.device)
         weights = tanh_norm(router(seq.hidden.float()).squeeze(-1))
