@@ -71,7 +71,7 @@ def vision_qk(
 
 
 def attention_received(
-    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scaling: float, max_scores: int = 1 << 24
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scaling: float, max_scores: int = 1 << 22
 ) -> torch.Tensor:
     """(heads, S) attention each token receives within its attention segment (cu_seqlens: images/frames, or windows),
     softmax(q k^T * scaling) averaged over the segment's queries. Segments of one length (the frames of a video,
