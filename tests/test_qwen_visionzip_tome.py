@@ -258,3 +258,12 @@ def test_keys_probe_reads_only_the_key_projection(models, batches):
     with torch.no_grad(), vtc.patched(model, "tome", keep=0.5) as handle:
         model(**inputs)
         assert set(handle.adapter._probes) == {"keys"} and handle.adapter.notes == []
+
+
+def test_visionzip_says_its_split_and_refuses_a_bad_share(models):
+    model = models["qwen2_5_vl"]
+    with vtc.patched(model, "visionzip", keep=0.7) as handle:
+        assert "contextual_share=0.05" in handle.strategy.describe()  # the official Qwen2.5-VL rule
+    with pytest.raises(ValueError, match="contextual_share"):
+        vtc.patch(model, "visionzip", contextual_share=1.5)
+    assert "forward" not in vars(model.model.language_model)

@@ -97,7 +97,7 @@ def attention_received(
 def merged_keys(k: torch.Tensor, unit: int) -> torch.Tensor:
     """(head_dim, S / unit) keys per merged token: k (heads, S, head_dim) averaged over heads and over the `unit`
     consecutive patches the merger groups into one token, tokens last (VisionZip's Qwen2.5-VL reduction)."""
-    heads, seq, dim = k.shape
+    _, seq, dim = k.shape
     return k.mean(dim=0).view(seq // unit, unit, dim).mean(dim=1).transpose(0, 1)
 
 

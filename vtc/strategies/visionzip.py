@@ -146,7 +146,8 @@ class VisionZip(Strategy):
         return {"cls": [layer], "keys": [layer]}
 
     def describe(self) -> str:
-        return f"visionzip(keep={self.keep}, merge={self.merge})"
+        share = f", contextual_share={self._share}" if self._share is not None else ""
+        return f"visionzip(keep={self.keep}, merge={self.merge}{share})"
 
     def select(self, visual: VisualTokens):
         n, k = visual.num_tokens, visual.budget
