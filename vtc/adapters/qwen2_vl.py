@@ -56,18 +56,23 @@ def vision_qk(
     queries: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """q and k, each (heads, S, head_dim) in fp32 with the vision RoPE applied, of a Qwen-VL vision attention layer
-    (fused `qkv`); only the k third of the projection when `queries` is False (q is then None).
+    (fused `qkv`); with `queries` False, q is None and only the k third of a plain qkv weight is multiplied.
     hidden_states: (S, D), the layer's input (already normed); position_embeddings: (cos, sin), each (S, head_dim)."""
     seq, dim = hidden_states.shape
-    weight = attn.qkv.weight.view(3, dim, dim)
-    bias = attn.qkv.bias.view(3, dim) if attn.qkv.bias is not None else [None] * 3
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    if queries or weight.shape != (3 * dim, dim):  # the module itself (also when its weight is packed/quantized)
+        q, k, _ = attn.qkv(hidden_states).reshape(seq, 3, attn.num_heads, -1).unbind(1)
+    else:
+        q, k = None, torch.nn.functional.linear(
+            hidden_states, weight[dim : 2 * dim], bias[dim : 2 * dim] if bias is not None else None
+        ).view(seq, attn.num_heads, -1)
     cos, sin = (p.float()[:, None] for p in position_embeddings)
 
-    def rotated(part: int) -> torch.Tensor:
-        x = torch.nn.functional.linear(hidden_states, weight[part], bias[part]).view(seq, attn.num_heads, -1).float()
+    def rotated(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
         return (x * cos + rotate_half(x) * sin).transpose(0, 1)
 
-    return (rotated(0) if queries else None), rotated(1)
+    return (rotated(q) if queries else None), rotated(k)
 
 
 def attention_received(
