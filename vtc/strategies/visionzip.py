@@ -46,7 +46,8 @@ at commit 68993a3 of the repository above: `Qwen2_5_VisionTransformerPretrainedM
 - Budget: the official code keeps int(0.65 N) dominant + max(int(0.05 N), 1) contextual tokens of N (its README
   also reports 0.45 + 0.05); so on towers without [CLS] the contextual count is max(int(0.05 N), 1) of the unit's
   N tokens (`contextual_share=0.05`, any share can be passed) and the dominant ones fill the rest of `keep`:
-  `keep=0.70` is the official setting (an int keep of int(0.65 N) + max(int(0.05 N), 1) reproduces it exactly).
+  `keep=0.70` is the official setting up to rounding (round(0.7 N) here; an int keep of int(0.65 N) +
+  max(int(0.05 N), 1) reproduces it exactly).
 - Merging: the official code merges the LLM input embeddings (after the PatchMerger), as we do; its formula is
   target + mean(assigned) (`merge="official"`); the default stays `merge="mean"`.
 - M-RoPE positions: the official code computes the (t, h, w) ids on the full sequence, then keeps the dominant
@@ -55,9 +56,9 @@ at commit 68993a3 of the repository above: `Qwen2_5_VisionTransformerPretrainedM
   one its target's, and decoding continues after the logical length (its rope deltas are of the full sequence).
   vtc does the same, so here positions are not a deviation.
 - Deviations: the official code handles one image per prompt with batch size 1 (it selects over all image tokens
-  of the prompt at once, and does not prune videos); vtc selects per unit (each image, each video frame, with
-  its own budget) in batches. Its flash-attention path softmaxes over the tokens of all images together, its
-  eager path per image; we follow the eager path (the layer's own segments).
+  of the prompt at once; its video branch was not adapted, so videos are not pruned); vtc selects per unit
+  (each image, each video frame, with its own budget) in batches. Its flash-attention path softmaxes over the
+  tokens of all images together, its eager path per image; we follow the eager path (the layer's segments).
 """
 
 from __future__ import annotations
