@@ -30,15 +30,15 @@ from .helpers import until_eos
 
 QUESTIONS = ["What is in the image?", "How many objects are there? Answer with one word."]
 STRATEGIES = [s for s in vtc.list_strategies() if s != "none"]
-# probes a family cannot provide (no [CLS] on SigLIP; no per-head keys probe on the Qwen vision tower); QuoTA
-# cannot score Qwen3-VL frames with the model itself (DeepStack)
+# probes a family cannot provide (no [CLS] on SigLIP; HiRED needs a real [CLS]); QuoTA cannot score Qwen3-VL
+# frames with the model itself (DeepStack)
 UNSUPPORTED = {
     "llava_onevision": {"vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]", "hired": "[CLS]"},
     "llava_onevision_video": {"vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]", "hired": "[CLS]"},
-    "qwen2_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]"},
-    "qwen2_5_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]"},
-    "qwen3_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "quota": "scorer"},
-    "qwen3_vl_moe_video": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "quota": "scorer"},
+    "qwen2_vl": {"hired": "[CLS]"},
+    "qwen2_5_vl": {"hired": "[CLS]"},
+    "qwen3_vl": {"hired": "[CLS]", "quota": "scorer"},
+    "qwen3_vl_moe_video": {"hired": "[CLS]", "quota": "scorer"},
 }
 
 

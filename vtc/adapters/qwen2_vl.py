@@ -19,8 +19,20 @@ merged token, the attention it receives at a vision layer: softmax(q k^T / sqrt(
 attention segments (each image / video frame; each window in Qwen2.5-VL's windowed layers), averaged over
 the segment's queries, kept per head, and averaged over the 4 patches the merger groups into the token (the
 merger takes 4 consecutive patches: the processor orders patches 2x2-block-major). It is computed in query
-chunks from q and k of that layer (with the vision rotary embedding), never as a full matrix. So vtc_cls
-here ranks tokens by the attention they receive summed over its layers, FoPru by that at the last layer.
+chunks from q and k of that layer (with the vision rotary embedding), never as a full matrix; segments of one
+length (a video's frames, the full windows) are one batch. So vtc_cls here ranks tokens by the attention they
+receive summed over its layers, FoPru by that at the last layer.
+
+Keys probe ("keys": VisionZip's contextual-token metric, ToMe's matching metric): the layer's keys with the vision
+RoPE applied, averaged over heads and over the 4 patches of each merged token, (head_dim, tokens) per unit; only
+the k third of the fused qkv projection is computed when no attention probe is asked at that layer. This is what
+VisionZip's official Qwen2.5-VL code uses (github.com/dvlab-research/VisionZip, Qwen2_5_VL/qwen2_5vl_visionzip.py
+at commit 68993a3, `Qwen2_5_VisionTransformerPretrainedModel.forward`): the last vision block (a full-attention
+block in the released Qwen2.5-VL: `fullatt_block_indexes` ends with it) returns its softmax(q k^T / sqrt(d)) and
+its rotated keys; the score is the attention received, mean over heads, summed over the queries, mean over the 4
+patches (`view(-1, 4).mean`), put back from window order to raster order (`reverse_indices`); the keys are the
+mean over the 4 patches and over heads. Our surrogate averages over the queries instead of summing: within one
+image or frame (the segment of a full-attention layer) the ranking is the same.
 """
 
 from __future__ import annotations
@@ -37,40 +49,68 @@ CLS_SURROGATE = (
 )
 
 
-def vision_attention_received(
+def vision_qk(
     attn: torch.nn.Module,
     hidden_states: torch.Tensor,
-    cu_seqlens: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    chunk: int = 256,
-) -> torch.Tensor:
-    """(heads, S) attention each patch receives in a Qwen-VL vision attention layer, averaged over the queries
-    of its attention segment (cu_seqlens: images/frames, or windows). hidden_states: (S, D), the layer's
-    input (already normed); position_embeddings: (cos, sin), each (S, head_dim). Chunks of `chunk` queries."""
-    seq = hidden_states.shape[0]
-    heads = attn.num_heads
-    q, k, _ = attn.qkv(hidden_states).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    queries: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """q and k, each (heads, S, head_dim) in fp32 with the vision RoPE applied, of a Qwen-VL vision attention layer
+    (fused `qkv`); with `queries` False, q is None and only the k third of a plain qkv weight is multiplied.
+    hidden_states: (S, D), the layer's input (already normed); position_embeddings: (cos, sin), each (S, head_dim)."""
+    seq, dim = hidden_states.shape
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    if queries or weight.shape != (3 * dim, dim):  # the module itself (also when its weight is packed/quantized)
+        q, k, _ = attn.qkv(hidden_states).reshape(seq, 3, attn.num_heads, -1).unbind(1)
+    else:
+        q, k = None, torch.nn.functional.linear(
+            hidden_states, weight[dim : 2 * dim], bias[dim : 2 * dim] if bias is not None else None
+        ).view(seq, attn.num_heads, -1)
     cos, sin = (p.float()[:, None] for p in position_embeddings)
-    q = (q.float() * cos + rotate_half(q.float()) * sin).transpose(0, 1)  # (H, S, d)
-    k = (k.float() * cos + rotate_half(k.float()) * sin).transpose(0, 1)
-    total = torch.zeros(heads, seq, device=hidden_states.device)
+
+    def rotated(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return (x * cos + rotate_half(x) * sin).transpose(0, 1)
+
+    return (rotated(q) if queries else None), rotated(k)
+
+
+def attention_received(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scaling: float, max_scores: int = 1 << 22
+) -> torch.Tensor:
+    """(heads, S) attention each token receives within its attention segment (cu_seqlens: images/frames, or windows),
+    softmax(q k^T * scaling) averaged over the segment's queries. Segments of one length (the frames of a video,
+    the full windows) run as one batch, in query chunks of at most `max_scores` scores: never a full (S x S) map."""
+    heads, seq, _ = q.shape
+    total = q.new_zeros(heads, seq)
     bounds = cu_seqlens.tolist()
+    by_length: dict[int, list[int]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
-        if end <= start:
-            continue
-        keys = k[:, start:end]
-        for row in range(start, end, chunk):
-            scores = (q[:, row : min(row + chunk, end)] @ keys.transpose(-1, -2)) * attn.scaling
-            total[:, start:end] += scores.softmax(dim=-1).sum(dim=1)
-        total[:, start:end] /= end - start
+        if end > start:
+            by_length.setdefault(end - start, []).append(start)
+    for length, starts in by_length.items():
+        index = torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)  # (G, L)
+        queries, keys = q[:, index], k[:, index].transpose(-1, -2)  # (H, G, L, d), (H, G, d, L)
+        received = q.new_zeros(heads, len(starts), length)
+        rows = max(1, max_scores // (heads * len(starts) * length))
+        for row in range(0, length, rows):
+            received += ((queries[:, :, row : row + rows] @ keys) * scaling).softmax(dim=-1).sum(dim=2)
+        total[:, index] = received / length
     return total
+
+
+def merged_keys(k: torch.Tensor, unit: int) -> torch.Tensor:
+    """(head_dim, S / unit) keys per merged token: k (heads, S, head_dim) averaged over heads and over the `unit`
+    consecutive patches the merger groups into one token, tokens last (VisionZip's Qwen2.5-VL reduction)."""
+    _, seq, dim = k.shape
+    return k.mean(dim=0).view(seq // unit, unit, dim).mean(dim=1).transpose(0, 1)
 
 
 @register_adapter
 class QwenVLAdapter(Adapter):
     name = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    notes: list[str] = []  # set at install: names the [CLS] surrogate when the strategy reads a vision probe
+    notes: list[str] = []  # set at install: names the [CLS] surrogate when the strategy reads it
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -100,11 +140,11 @@ class QwenVLAdapter(Adapter):
     def check(self, strategy) -> None:
         super().check(strategy)
         kinds = set(strategy.vision_probes(self.num_vision_layers(), self.feature_layer()))
-        unknown = kinds - {"cls", "received"}
+        unknown = kinds - {"cls", "received", "keys"}
         if unknown:
             raise ValueError(
                 f"strategy {strategy.name!r} reads vision probes {sorted(unknown)}, which the Qwen-VL adapter "
-                "cannot provide (it provides 'cls', a surrogate, and 'received'); choose another strategy"
+                "cannot provide (it provides 'cls', a surrogate, 'received' and 'keys'); choose another strategy"
             )
 
     # --- hooks ------------------------------------------------------------------------------------
@@ -112,7 +152,7 @@ class QwenVLAdapter(Adapter):
         self._hooks.append(self.inner.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
         self._hooks.append(self.language_model.register_forward_pre_hook(self._llm_positions, with_kwargs=True))
         probes = handle.strategy.vision_probes(self.num_vision_layers(), self.feature_layer())
-        self.notes = [CLS_SURROGATE] if probes else []
+        self.notes = [CLS_SURROGATE] if {"cls", "received"} & set(probes) else []
         layers = sorted({layer for by_kind in probes.values() for layer in by_kind})
         self._probe_kinds = {layer: [kind for kind, ls in probes.items() if layer in ls] for layer in layers}
         self._hooks.append(self.visual.register_forward_pre_hook(self._vision_start, with_kwargs=True))
@@ -217,20 +257,27 @@ class QwenVLAdapter(Adapter):
         self._vision_calls.append(record)
 
     def _probe_hook(self, layer: int):
+        kinds = self._probe_kinds[layer]
+        attention = any(kind in ("cls", "received") for kind in kinds)
+        unit = self.merge**2
+
         def hook(module, args, kwargs):
             if not self._vision_calls:
                 return
             record = self._vision_calls[-1]
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             with torch.no_grad():
-                rows = vision_attention_received(
-                    module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"]
-                )  # (H, patches) in the tower's order
-                unit = self.merge**2
-                rows = rows.view(rows.shape[0], -1, unit).mean(-1)  # 4 consecutive patches = one merged token
+                q, k = vision_qk(module, hidden, kwargs["position_embeddings"], queries=attention)
+                values = {}  # per kind, (channels, merged tokens) in the tower's order
+                if attention:  # 4 consecutive patches = one merged token
+                    received = attention_received(q, k, kwargs["cu_seqlens"], module.scaling)
+                    values["cls"] = values["received"] = received.view(received.shape[0], -1, unit).mean(-1)
+                if "keys" in kinds:
+                    values["keys"] = merged_keys(k, unit)
+            for kind in kinds:
+                rows = values[kind]
                 if "order" in record:
                     rows = rows[:, record["order"].to(rows.device)]
-            for kind in self._probe_kinds[layer]:
                 record["probes"].setdefault(kind, {})[layer] = rows
 
         return hook

@@ -21,6 +21,10 @@ adapter with a keys probe; the vision tower is untouched):
 - Positions: a merged token sits at its representative, the B token that survived (recursively), so the
   output keeps raster order and original position ids. ToMe's proportional attention (log size added to
   the attention logits) is not applied inside the LLM.
+- Qwen2-VL, Qwen2.5-VL, Qwen3-VL (no official ToMe there): one unit per image and per video frame; the metric
+  is the last vision block's keys with the vision RoPE applied, averaged over heads and over the 4 patches the
+  PatchMerger joins into one token (the reduction VisionZip's official Qwen2.5-VL code applies to its keys); a
+  merged token keeps its representative's M-RoPE (t, h, w) position (and, on Qwen3-VL, its DeepStack features).
 
 The paper's placement, `placement="vision"` (LLaVA-1.5's CLIP tower; `vtc/adapters/vit_merge.py` does the
 patching): r tokens are merged in every vision encoder layer up to the feature layer, between attention

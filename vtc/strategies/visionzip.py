@@ -32,6 +32,33 @@ Our choices (documented deviations):
 
 The keys probe: the adapter's "keys" vision probe (keys of the feature layer averaged over heads, tokens
 last), read from `visual.vision["keys"]`.
+
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL (no [CLS]), after the official Qwen2.5-VL code (Qwen2_5_VL/qwen2_5vl_visionzip.py
+at commit 68993a3 of the repository above: `Qwen2_5_VisionTransformerPretrainedModel.forward` for the scores,
+`Qwen2_5_VLForConditionalGeneration.forward` for the selection):
+
+- Layer: the last vision block (the merger's input; in Qwen2.5-VL a full-attention block, so the attention is
+  over the whole image or frame, not a window). Our `feature_layer` there.
+- Dominant score: the attention each merged token receives in that block (the adapter's [CLS] surrogate:
+  softmax(q k^T / sqrt(d)) with the vision RoPE, mean over heads, over the queries of its image/frame, and over
+  the 4 patches the merger joins). The official code sums over the queries; the ranking is the same.
+- Keys: the rotated keys of that block averaged over heads and over the 4 patches of each merged token.
+- Budget: the official code keeps int(0.65 N) dominant + max(int(0.05 N), 1) contextual tokens of N (its README
+  also reports 0.45 + 0.05); so on towers without [CLS] the contextual count is max(int(0.05 N), 1) of the unit's
+  N tokens (`contextual_share=0.05`, any share can be passed) and the dominant ones fill the rest of `keep`:
+  `keep=0.70` is the official setting up to rounding (round(0.7 N) here; an int keep of int(0.65 N) +
+  max(int(0.05 N), 1) reproduces it exactly).
+- Merging: the official code merges the LLM input embeddings (after the PatchMerger), as we do; its formula is
+  target + mean(assigned) (`merge="official"`); the default stays `merge="mean"`.
+- M-RoPE positions: the official code computes the (t, h, w) ids on the full sequence, then keeps the dominant
+  tokens and writes each contextual token at its target's place (`inputs_embeds[:, contexual_input_idx]`,
+  `position_ids[:, :, img_mask]`): every kept or merged token keeps its original (t, h, w) position, the merged
+  one its target's, and decoding continues after the logical length (its rope deltas are of the full sequence).
+  vtc does the same, so here positions are not a deviation.
+- Deviations: the official code handles one image per prompt with batch size 1 (it selects over all image tokens
+  of the prompt at once; its video branch was not adapted, so videos are not pruned); vtc selects per unit
+  (each image, each video frame, with its own budget) in batches. Its flash-attention path softmaxes over the
+  tokens of all images together, its eager path per image; we follow the eager path (the layer's segments).
 """
 
 from __future__ import annotations
@@ -41,10 +68,20 @@ import torch
 from .. import ops
 from .base import Strategy, VisualTokens, register_strategy, top_k_sorted
 
+QWEN_CONTEXTUAL_SHARE = 0.05  # official Qwen2.5-VL code: contextual_num = max(int(0.05 * N), 1)
 
-def split_budget(k: int, contextual: int | None = None) -> tuple[int, int]:
-    """(dominant, contextual) for a budget of k tokens: contextual = round(k * 10 / 64) unless given."""
-    c = round(k * 10 / 64) if contextual is None else int(contextual)
+
+def split_budget(
+    k: int, contextual: int | None = None, n: int | None = None, share: float | None = None
+) -> tuple[int, int]:
+    """(dominant, contextual) for a budget of k tokens out of n: contextual = `contextual` if given, else
+    max(int(n * share), 1) with a `share` (the official Qwen2.5-VL rule), else round(k * 10 / 64) (LLaVA's)."""
+    if contextual is not None:
+        c = int(contextual)
+    elif share is not None:
+        c = max(int(n * share), 1)
+    else:
+        c = round(k * 10 / 64)
     c = max(0, min(c, k - 1)) if k > 1 else 0
     return k - c, c
 
@@ -83,21 +120,35 @@ class VisionZip(Strategy):
     default_keep = 64 / 576
 
     def __init__(
-        self, keep: float | int = 64 / 576, contextual: int | None = None, merge: str = "mean", layer: int | None = None
+        self,
+        keep: float | int = 64 / 576,
+        contextual: int | None = None,
+        merge: str = "mean",
+        layer: int | None = None,
+        contextual_share: float | None = None,
     ):
         super().__init__(keep)
         if merge not in ("mean", "official"):
             raise ValueError("merge must be 'mean' (average of a target and its tokens) or 'official'")
+        if contextual_share is not None and not 0 < contextual_share < 1:
+            raise ValueError(f"contextual_share={contextual_share}: pass a fraction in (0, 1) of each unit's tokens")
         self.contextual = contextual
         self.merge = merge
         self.layer = layer
+        self.contextual_share = contextual_share
+        self._share = contextual_share  # the rule in use: set at patch() from the model when not given
+
+    def check_adapter(self, adapter) -> None:
+        if self.contextual_share is None:  # towers without [CLS] (Qwen-VL): the official Qwen2.5-VL rule
+            self._share = None if adapter.has_cls() else QWEN_CONTEXTUAL_SHARE
 
     def vision_probes(self, num_layers: int, feature_layer: int) -> dict[str, list[int]]:
         layer = feature_layer if self.layer is None else self.layer
         return {"cls": [layer], "keys": [layer]}
 
     def describe(self) -> str:
-        return f"visionzip(keep={self.keep}, merge={self.merge})"
+        share = f", contextual_share={self._share}" if self._share is not None else ""
+        return f"visionzip(keep={self.keep}, merge={self.merge}{share})"
 
     def select(self, visual: VisualTokens):
         n, k = visual.num_tokens, visual.budget
@@ -105,7 +156,7 @@ class VisionZip(Strategy):
         if k >= n:
             return torch.arange(n, device=device).expand(visual.num_images, -1)
         (cls,) = visual.cls_attention.values()  # (I, heads, N)
-        dominant_k, contextual_k = split_budget(k, self.contextual)
+        dominant_k, contextual_k = split_budget(k, self.contextual, n, self._share)
         dominant = top_k_sorted(cls.sum(dim=1), dominant_k)  # (I, d)
         if contextual_k == 0:
             return dominant
