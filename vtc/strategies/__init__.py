@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     fastv,
     fopru,
     hired,
+    pdrop,
     pmod,
     quota,
     random_baseline,

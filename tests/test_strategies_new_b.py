@@ -1,0 +1,123 @@
+"""pdrop, sparsevlm, hiprune, scope, idpruner, mustdrop: each one's selection compared on the same inputs with a
+re-statement of its official selection loop (written here from the official code, cited per test), and the
+DESIGN.md section 4 invariants on the tiny LLaVA (keep=1 identity, oracle logits, generate with cache vs
+recompute, batch vs alone)."""
+
+import math
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+import vtc
+from vtc.testing import llava_inputs
+
+from .helpers import (
+    assert_batch_equals_each_sample_alone,
+    assert_cached_generate_equals_recompute,
+    assert_keep_one_is_identity,
+)
+
+N = 36  # visual tokens per image of the tiny LLaVA (6 x 6 grid)
+
+
+def ids(params):
+    return [name + "".join(f"-{v}" for v in options.values()) for name, options in params]
+
+
+def run_layers(lm, hidden, positions, start, stop):
+    """Decoder layers start..stop-1 of `lm` on one unpadded sample (causal SDPA), at `positions`."""
+    embeddings = lm.rotary_emb(hidden, positions)
+    for layer in lm.layers[start:stop]:
+        hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions)
+    return hidden
+
+
+def official_attention(layer, hidden, positions, query_rows, rotary):
+    """The official eager attention rows (PyramidDrop's `pdrop_rank_drop`, SparseVLM's attn_logits): the layer's
+    input_layernorm, q/k projections, RoPE, q k^T / sqrt(d) under the causal mask, softmax; (heads, Q, L)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)[0]
+    length, d = x.shape[0], attn.head_dim
+    q = attn.q_proj(x).view(length, -1, d).transpose(0, 1)[None]
+    k = attn.k_proj(x).view(length, -1, d).transpose(0, 1)[None]
+    cos, sin = rotary(hidden, positions)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = repeat_kv(k, q.shape[1] // k.shape[1])[0]
+    scores = q[0][:, query_rows] @ k.transpose(1, 2) / math.sqrt(d)
+    causal = torch.arange(length)[None, :] > torch.as_tensor(query_rows)[:, None]
+    return scores.masked_fill(causal, float("-inf")).softmax(-1)
+
+
+# ------------------------------------------------------------------------------------------------ pdrop
+def pdrop_official(model, inputs, layers, ratios):
+    """PyramidDrop's official inference loop (modeling_llama_pdrop.py, `pdrop_forward` / `pdrop_rank_drop`) on one
+    sample: after layer l_s - 1, layer l_s's attention of the last instruction token ranks the image tokens, the top
+    int(N * ratio_s) stay. Positions stay the original ones (vtc's choice, see the strategy's docstring). Returns the
+    kept visual tokens per stage and the final logits."""
+    lm = model.model.language_model
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+        start = int(visual[0])
+        rows = torch.arange(inputs["input_ids"].shape[1])  # current sequence -> original index
+        hidden, previous, kept_per_stage = out.hidden_states[layers[0]], layers[0], []
+        image = torch.arange(N)  # original image-token ids still present
+        for s, layer_index in enumerate(layers):
+            hidden = run_layers(lm, hidden, rows[None], previous, layer_index) if s else hidden
+            weights = official_attention(lm.layers[layer_index], hidden, rows[None], [len(rows) - 1], lm.rotary_emb)
+            scores = weights.mean(0)[0, start : start + len(image)]
+            top = scores.topk(int(N * ratios[s])).indices.sort().values
+            image = image[top]
+            keep = torch.cat([torch.arange(start), start + top, torch.arange(start + len(scores), len(rows))])
+            hidden, rows = hidden[:, keep], rows[keep]
+            kept_per_stage.append(image.clone())
+            previous = layer_index
+        hidden = run_layers(lm, hidden, rows[None], previous, len(lm.layers))
+        logits = model.lm_head(lm.norm(hidden))[0, -1]
+    return kept_per_stage, logits
+
+
+@pytest.mark.parametrize("keep,layers", [(0.5, None), (0.25, [1, 3]), (0.5, [2])])
+def test_pdrop_equals_official_loop(keep, layers, llava, single):
+    stages = layers or [1, 2, 3]  # round(L/4), round(L/2), round(3L/4) of the 4-layer tiny decoder
+    expected, logits = pdrop_official(llava, single, stages, [keep ** (s + 1) for s in range(len(stages))])
+    with torch.no_grad(), vtc.patched(llava, "pdrop", keep=keep, layers=layers) as handle:
+        out = llava(**single).logits[0, -1]
+        report = handle.report()
+        final = handle.last_kept("final")[0]
+    counts = [int(N * keep ** (s + 1)) for s in range(len(stages))]
+    per_layer = report.samples[0].visual_per_layer
+    assert [per_layer[layer] for layer in stages] == counts
+    assert final.tolist() == expected[-1].tolist()
+    assert (out - logits).abs().max() <= 1e-4
+
+
+def test_pdrop_int_keep_is_the_first_stage_count(llava, single):
+    with torch.no_grad(), vtc.patched(llava, "pdrop", keep=12) as handle:
+        llava(**single)
+        assert handle.report().samples[0].visual_per_layer == [36, 12, 4, 1]
+    with pytest.raises(ValueError, match="increasing"):
+        vtc.patch(llava, "pdrop", layers=[3, 1])
+
+
+# ------------------------------------------------------------------------------------------ invariants
+IDENTITY = [("pdrop", {})]
+ALL = [("pdrop", {}), ("pdrop", {"layers": [1, 3]})]
+
+
+@pytest.mark.parametrize("strategy,options", IDENTITY, ids=ids(IDENTITY))
+def test_keep_one_is_identity(strategy, options, llava, batch3):
+    assert_keep_one_is_identity(llava, batch3[2], strategy, **options)
+
+
+@pytest.mark.parametrize("strategy,options", ALL, ids=ids(ALL))
+def test_generate_with_cache_equals_recompute(strategy, options, llava, batch3):
+    assert_cached_generate_equals_recompute(llava, batch3[2], strategy, 4, keep=0.5, also_uncached=True, **options)
+
+
+@pytest.mark.parametrize("strategy,options", ALL, ids=ids(ALL))
+def test_batch_equals_each_sample_alone(strategy, options, llava, processor, batch3):
+    questions, images, inputs = batch3
+    alone = {b: llava_inputs(processor, [questions[b]], [images[b]]) for b in range(3)}
+    assert_batch_equals_each_sample_alone(llava, inputs, alone, strategy, keep=0.5, stop_at_eos=True, **options)
