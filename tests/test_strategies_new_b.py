@@ -101,9 +101,119 @@ def test_pdrop_int_keep_is_the_first_stage_count(llava, single):
         vtc.patch(llava, "pdrop", layers=[3, 1])
 
 
+# --------------------------------------------------------------------------------------------- sparsevlm
+def cluster_and_merge_official(x, cluster_num):
+    """SparseVLMs utils.py `cluster_and_merge` (DPC-KNN), transcribed without its 1e-6 tie-breaking noise and
+    returning the centres too (as LightCompress's copy does)."""
+    n, c = x.shape
+    dist = (x[:, None] - x[None]).norm(dim=-1, p=2) / c**0.5
+    dist_nearest = torch.topk(dist, k=cluster_num, dim=-1, largest=False).values
+    density = (-(dist_nearest**2).mean(dim=-1)).exp()
+    mask = (density[None, :] > density[:, None]).float()
+    dist_max = dist.max()
+    parent = (dist * mask + dist_max * (1 - mask)).min(dim=-1).values
+    index_down = torch.topk(parent * density, k=cluster_num).indices
+    idx_cluster = dist[index_down].argmin(dim=0)
+    idx_cluster[index_down] = torch.arange(cluster_num)
+    merged = torch.stack([x[idx_cluster == j].mean(0) for j in range(cluster_num)])
+    return index_down, merged
+
+
+def sparsevlm_official(model, inputs, locs, counts, rank_scale=None):
+    """SparseVLMs' inference loop (modelling_sparse_llama.py forward + score.py) on one sample: raters from the input
+    embeddings; at each pruning layer its rater-averaged attention keeps min(k, n - 1) image tokens of the layer's
+    output (`attn_postprocess_topk`; with `rank_scale`, the 2024 `attn_postprocess_rank`: k = int(rank * scale)),
+    the top 30% + 1 deleted tokens are clustered (int(m / 10) + 1 clusters) and merged. Cluster tokens sit at their
+    centre's place and every token keeps its original position (vtc's choices, see the strategy's docstring).
+    Returns the image tokens that reach the last layer and the last logits."""
+    lm = model.model.language_model
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        embeds = out.hidden_states[0][0]
+        is_visual = inputs["input_ids"][0] == model.config.image_token_id
+        text_start = int(is_visual.nonzero()[-1]) + 1
+        v_t, t_t = embeds[is_visual], embeds[text_start:]
+        m_v_t = (v_t @ t_t.T).softmax(1).mean(0)
+        raters = torch.where(m_v_t > m_v_t.mean())[0] + text_start  # original indices
+        rows = torch.arange(len(embeds))  # original index of each current slot
+        image = rows[is_visual]  # original indices of the image tokens still present
+        hidden, previous = out.hidden_states[locs[0]], locs[0]
+        for s, loc in enumerate(locs):
+            hidden = run_layers(lm, hidden, rows[None], previous, loc)
+            rater_rows = torch.searchsorted(rows, raters)
+            attn = official_attention(lm.layers[loc], hidden, rows[None], rater_rows, lm.rotary_emb).mean(0)
+            vis_cols = torch.searchsorted(rows, image)
+            relation = attn[:, vis_cols]  # (raters, n)
+            n = len(image)
+            if rank_scale is None:
+                k = min(counts[s], n - 1)
+            else:
+                rank = torch.linalg.matrix_rank(relation.float())
+                k = n if n - rank == 0 else min(int(rank * rank_scale), n - 1)
+            relation = relation.mean(0)
+            output = run_layers(lm, hidden, rows[None], loc, loc + 1)[0]
+            previous = loc + 1
+            if k >= n:
+                hidden = output[None]
+                continue
+            top = relation.topk(k).indices
+            deleted = torch.tensor([j for j in range(n) if j not in top.tolist()])
+            m = int(len(deleted) * 0.3) + 1
+            recycled = deleted[relation[deleted].topk(m).indices]
+            centres, merged = cluster_and_merge_official(output[vis_cols[recycled]], int(m / 10) + 1)
+            new_image = torch.cat([image[top], image[recycled[centres]]])
+            new_values = torch.cat([output[vis_cols[top]], merged])
+            order = new_image.argsort()
+            image, new_values = new_image[order], new_values[order]
+            all_visual = is_visual.nonzero().squeeze(1)
+            keep_rows = torch.cat([rows[~torch.isin(rows, all_visual)], image]).sort().values
+            new_hidden = output[torch.searchsorted(rows, keep_rows)].clone()
+            new_hidden[torch.searchsorted(keep_rows, image)] = new_values
+            hidden, rows = new_hidden[None], keep_rows
+        hidden = run_layers(lm, hidden, rows[None], previous, len(lm.layers))
+        logits = model.lm_head(lm.norm(hidden))[0, -1]
+    start = int(is_visual.nonzero()[0])
+    return image - start, logits
+
+
+@pytest.mark.parametrize("keep", [192 / 576, 64 / 576, 0.5])
+def test_sparsevlm_equals_official_loop(keep, llava, single):
+    from vtc.strategies.sparsevlm import schedule_fractions
+
+    counts = [int(N * f + 0.5) for f in schedule_fractions(keep)]
+    expected, logits = sparsevlm_official(llava, single, [0, 1, 2], counts)  # round(l * 4 / 32) of [2, 6, 15]
+    with torch.no_grad(), vtc.patched(llava, "sparsevlm", keep=keep) as handle:
+        out = llava(**single).logits[0, -1]
+        final = handle.last_kept("final")[0]
+    assert final.tolist() == expected.tolist()
+    assert (out - logits).abs().max() <= 1e-4
+
+
+def test_sparsevlm_rank_schedule_equals_official_2024_loop(llava, single):
+    expected, logits = sparsevlm_official(llava, single, [0, 1, 2], None, rank_scale=2.0)
+    with torch.no_grad(), vtc.patched(llava, "sparsevlm", schedule="rank", scale=2.0) as handle:
+        out = llava(**single).logits[0, -1]
+        final = handle.last_kept("final")[0]
+    assert final.tolist() == expected.tolist()
+    assert (out - logits).abs().max() <= 1e-4
+
+
+def test_sparsevlm_official_tables_at_576_tokens():
+    from vtc.strategies.sparsevlm import OFFICIAL_TABLES, schedule_fractions
+
+    for retained, table in OFFICIAL_TABLES.items():
+        assert [int(576 * f + 0.5) for f in schedule_fractions(retained / 576)] == list(table)
+    assert schedule_fractions(1.0) == [1.0, 1.0, 1.0]
+
+
 # ------------------------------------------------------------------------------------------ invariants
-IDENTITY = [("pdrop", {})]
-ALL = [("pdrop", {}), ("pdrop", {"layers": [1, 3]})]
+IDENTITY = [("pdrop", {}), ("sparsevlm", {})]
+ALL = [
+    ("pdrop", {}),
+    ("pdrop", {"layers": [1, 3]}),
+    ("sparsevlm", {}),
+    ("sparsevlm", {"schedule": "rank", "scale": 2.0}),
+]
 
 
 @pytest.mark.parametrize("strategy,options", IDENTITY, ids=ids(IDENTITY))

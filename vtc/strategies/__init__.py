@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     pmod,
     quota,
     random_baseline,
+    sparsevlm,
     todre,
     tome,
     visionzip,
