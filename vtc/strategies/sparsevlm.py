@@ -125,7 +125,7 @@ class SparseVLM(Strategy):
     # --- layers and budgets ---------------------------------------------------------------------
     def prune_layers(self, num_layers: int) -> list[int]:
         official = RANK_LAYERS if self.schedule == "rank" else OFFICIAL_LAYERS
-        layers = self.layers or sorted({int(l * num_layers / 32 + 0.5) for l in official})
+        layers = self.layers or sorted({int(x * num_layers / 32 + 0.5) for x in official})
         if self.layers is None and self.schedule == "official" and len(layers) < 3:
             raise ValueError(f"sparsevlm's three pruning layers do not fit a {num_layers}-layer decoder: pass layers=")
         self._stages = [layer + 1 for layer in layers]  # the layer's output is pruned: before layer l + 1
