@@ -40,6 +40,8 @@ UNSUPPORTED = {
     "qwen3_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "quota": "scorer"},
     "qwen3_vl_moe_video": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "quota": "scorer"},
 }
+for _family in ("llava_onevision", "llava_onevision_video"):  # SCOPE's saliency is the [CLS] row
+    UNSUPPORTED[_family]["scope"] = "[CLS]"
 
 
 

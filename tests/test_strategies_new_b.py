@@ -21,6 +21,16 @@ from .helpers import (
 N = 36  # visual tokens per image of the tiny LLaVA (6 x 6 grid)
 
 
+class NormSelector(torch.nn.Module):
+    """A stand-in for a trained IDPruner Vision Selector: each token's feature norm."""
+
+    def forward(self, x):
+        return x.norm(dim=-1)
+
+    def __repr__(self):
+        return "norm"
+
+
 def ids(params):
     return [name + "".join(f"-{v}" for v in options.values()) for name, options in params]
 
@@ -206,13 +216,148 @@ def test_sparsevlm_official_tables_at_576_tokens():
     assert schedule_fractions(1.0) == [1.0, 1.0, 1.0]
 
 
+# ------------------------------------------------------------------------- hiprune, scope, idpruner (pre-LLM)
+@pytest.fixture(scope="module")
+def eager_llava():
+    from vtc.testing import tiny_llava
+
+    return tiny_llava("llama", seed=11, attn_implementation="eager")
+
+
+def tower_outputs(model, pixel_values):
+    """The unpatched CLIP tower's attention maps (output_attentions: the test's oracle, never vtc's way), the
+    feature layer index, and the projected features (I, N, D)."""
+    tower = model.model.vision_tower
+    encoder = getattr(tower, "vision_model", tower).encoder
+    feature_layer = model.config.vision_feature_layer + len(encoder.layers)  # -2 -> output of layer L-2
+    with torch.no_grad():
+        out = tower(pixel_values, output_attentions=True)
+        features = torch.stack(model.model.get_image_features(pixel_values=pixel_values).pooler_output)
+    return out.attentions, feature_layer, features
+
+
+def hiprune_official(attentions, object_layer, feature_layer, budget, alpha, width):
+    """HiPrune's `encode_images` (Danielement321/HiPrune, LLaVA/llava/model/llava_arch.py) on a batch of images:
+    global attention (mean over heads and queries, [CLS] column dropped) at HIPRUNE_OBJECT_LAYER - 1 and at the
+    feature layer; anchors + 4 neighbours, then deep tokens; one sorted index row per image."""
+    deep_attention = attentions[feature_layer].mean(dim=1).mean(dim=1)[:, 1:]
+    shallow_attention = attentions[object_layer - 1].mean(dim=1).mean(dim=1)[:, 1:]
+    n = deep_attention.shape[1]
+    shallow_token_num = round(budget * alpha / 5)
+    kept = []
+    for i in range(deep_attention.shape[0]):
+        anchors = torch.topk(shallow_attention[i].unsqueeze(0), k=shallow_token_num, dim=1)[1]
+        shallow = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width], dim=1)
+        shallow = torch.unique(shallow.clamp(0, n - 1), sorted=False).unsqueeze(0)
+        available = torch.zeros(1, n, dtype=torch.bool).scatter_(1, shallow, 1)
+        deep = deep_attention[i] - available.int().squeeze()
+        deep_indices = torch.topk(deep.unsqueeze(0), k=budget - shallow.shape[1], dim=1)[1]
+        kept.append(torch.sort(torch.cat([shallow, deep_indices], dim=1), dim=1)[0][0])
+    return kept
+
+
+@pytest.mark.parametrize("keep,alpha", [(12, 0.5), (20, 1.0), (9, 0.1)])
+def test_hiprune_equals_official_encode_images(keep, alpha, eager_llava, batch3):
+    inputs = batch3[2]
+    attentions, feature_layer, _ = tower_outputs(eager_llava, inputs["pixel_values"])
+    # object layer: round(9 / 24 * 4) = 2 (1-based) of the tiny 4-layer tower, i.e. attentions[1]
+    expected = hiprune_official(attentions, 2, feature_layer, keep, alpha, 6)
+    with torch.no_grad(), vtc.patched(eager_llava, "hiprune", keep=keep, alpha=alpha) as handle:
+        eager_llava(**inputs)
+        kept = handle.last_kept("pre_llm")
+    assert kept[0].tolist() == expected[0].tolist() and kept[1].tolist() == expected[1].tolist()
+    assert kept[2].tolist() == expected[2].tolist() + (expected[3] + N).tolist()
+
+
+def scope_official(features, k, cls_attn, alpha=1.0):
+    """kinredon/SCOPE scope/clip_encoder.py `SCOPE` (COMBINED=multi), transcribed on one image."""
+    norm = features / features.norm(dim=-1, keepdim=True)
+    cosine = norm @ norm.T
+    n = len(features)
+    selected, cur_max, picks = torch.zeros(n, dtype=torch.bool), torch.zeros(n), []
+    for _ in range(k):
+        gains = torch.maximum(torch.zeros(1), cosine.masked_fill(selected[:, None], 0) - cur_max[:, None]).sum(dim=0)
+        gains = (gains * cls_attn**alpha).masked_fill(selected, float("-inf"))
+        best = int(gains.argmax())
+        selected[best] = True
+        picks.append(best)
+        cur_max = torch.maximum(cur_max, cosine[best])
+    return sorted(picks)
+
+
+@pytest.mark.parametrize("keep,alpha", [(6, 1.0), (0.25, 2.0)])
+def test_scope_equals_official_greedy(keep, alpha, eager_llava, batch3):
+    inputs = batch3[2]
+    attentions, feature_layer, features = tower_outputs(eager_llava, inputs["pixel_values"])
+    saliency = attentions[feature_layer][:, :, 0, 1:].sum(1)  # official: attentions[-2], [CLS] row, sum over heads
+    k = keep if isinstance(keep, int) else round(N * keep)
+    expected = [scope_official(features[i], k, saliency[i], alpha) for i in range(4)]
+    with torch.no_grad(), vtc.patched(eager_llava, "scope", keep=keep, alpha=alpha) as handle:
+        eager_llava(**inputs)
+        kept = handle.last_kept("pre_llm")
+    assert [kept[0].tolist(), kept[1].tolist()] == expected[:2]
+    assert kept[2].tolist() == expected[2] + [i + N for i in expected[3]]
+
+
+def idpruner_official(features, raw_scores, k, mmr_lambda=0.5, parallel_k=1):
+    """AngelSlim idpruner.py's MMR loop on one image (default similarity and importance functions)."""
+    s_min, s_max = raw_scores.min(), raw_scores.max()
+    importance = (raw_scores - s_min) / (s_max - s_min + 1e-6)
+    norm = features / (features.norm(dim=-1, keepdim=True) + 1e-8)
+    similarity = norm @ norm.T
+    n = len(features)
+    selected, candidates, max_sim = [], torch.ones(n, dtype=torch.bool), torch.full((n,), -2.0)
+    while len(selected) < k:
+        k_step = min(parallel_k, k - len(selected))
+        mmr = importance.clone() if not selected else mmr_lambda * importance - (1 - mmr_lambda) * max_sim
+        mmr[~candidates] = -float("inf")
+        best = torch.topk(mmr, k=k_step).indices
+        selected.extend(best.tolist())
+        candidates[best] = False
+        max_sim = torch.maximum(max_sim, similarity[:, best].max(dim=1).values)
+    return sorted(selected)
+
+
+@pytest.mark.parametrize("options", [{"mmr_lambda": 0.5}, {"mmr_lambda": 0.8, "parallel_k": 3}])
+def test_idpruner_equals_official_mmr_loop(options, eager_llava, batch3):
+    inputs = batch3[2]
+    _, _, features = tower_outputs(eager_llava, inputs["pixel_values"])
+    torch.manual_seed(0)
+    selector = torch.nn.Linear(features.shape[-1], 1)  # stands for a trained Vision Selector
+    with torch.no_grad():
+        expected = [idpruner_official(f, selector(f)[:, 0], 9, **options) for f in features]
+    with torch.no_grad(), vtc.patched(eager_llava, "idpruner", keep=9, selector=selector, **options) as handle:
+        eager_llava(**inputs)
+        kept = handle.last_kept("pre_llm")
+        assert "no selector" not in str(handle.report())
+    assert [kept[0].tolist(), kept[1].tolist()] == expected[:2]
+    assert kept[2].tolist() == expected[2] + [i + N for i in expected[3]]
+
+
+def test_idpruner_without_selector_warns_and_reports(llava, single):
+    with pytest.warns(UserWarning, match="selector"):
+        handle = vtc.patch(llava, "idpruner", keep=6)
+    try:
+        with torch.no_grad():
+            llava(**single)
+        assert "selector" in str(handle.report())
+    finally:
+        handle.unpatch()
+    with pytest.raises(TypeError, match="callable"):
+        vtc.patch(llava, "idpruner", selector="AngelSlim/Qwen2.5-VL-7B-Instruct-Selector")
+
+
 # ------------------------------------------------------------------------------------------ invariants
-IDENTITY = [("pdrop", {}), ("sparsevlm", {})]
+IDENTITY = [("pdrop", {}), ("sparsevlm", {}), ("hiprune", {}), ("scope", {})]
 ALL = [
     ("pdrop", {}),
     ("pdrop", {"layers": [1, 3]}),
     ("sparsevlm", {}),
     ("sparsevlm", {"schedule": "rank", "scale": 2.0}),
+    ("hiprune", {}),
+    ("hiprune", {"alpha": 1.0}),
+    ("scope", {}),
+    ("idpruner", {"selector": NormSelector()}),
 ]
 
 
