@@ -36,10 +36,12 @@ def ids(params):
 
 
 def run_layers(lm, hidden, positions, start, stop):
-    """Decoder layers start..stop-1 of `lm` on one unpadded sample (causal SDPA), at `positions`."""
+    """Decoder layers start..stop-1 of `lm` on one unpadded sample under a causal mask, at `positions`."""
     embeddings = lm.rotary_emb(hidden, positions)
+    length = hidden.shape[1]
+    mask = torch.full((length, length), torch.finfo(hidden.dtype).min).triu(1)[None, None]
     for layer in lm.layers[start:stop]:
-        hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions)
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=embeddings, position_ids=positions)
     return hidden
 
 
@@ -347,8 +349,104 @@ def test_idpruner_without_selector_warns_and_reports(llava, single):
         vtc.patch(llava, "idpruner", selector="AngelSlim/Qwen2.5-VL-7B-Instruct-Selector")
 
 
+# ---------------------------------------------------------------------------------------------- mustdrop
+def conditional_pooling_official(feat, side, window, fix_r=0, threshold=0.8):
+    """LightCompress mustdrop.py `conditional_pooling` (the official local_merge.py with a fixed r) on one image's
+    tokens (N, D), no [CLS]: returns the kept token ids (merged windows' last token + unmerged) and the features
+    there (window means at the merged windows' last token)."""
+    ws = window
+    grid = feat.T.reshape(1, -1, side, side)
+    g = grid.reshape(1, -1, side // ws, ws, side // ws, ws).permute(0, 2, 4, 1, 3, 5)  # b gh gw c ps_h ps_w
+    flat = g.reshape(1, side // ws, side // ws, feat.shape[1], -1)
+    sims = torch.nn.functional.cosine_similarity(flat.unsqueeze(-1), flat.unsqueeze(-2), dim=3)
+    sims = sims * (1 - torch.eye(ws * ws))
+    similarity_map = (sims.sum(-1).sum(-1) / ((ws * ws) * (ws * ws - 1))).reshape(1, -1)
+    r = fix_r if fix_r else int(torch.ge(similarity_map, threshold).sum(dim=1).min())
+    idxs = similarity_map.topk(r, dim=-1).indices[0]
+    windowed = torch.arange(side * side).reshape(side, side).unfold(0, ws, ws).unfold(1, ws, ws).reshape(-1, ws * ws)
+    gathered = windowed[idxs]
+    keep = torch.ones(side * side, dtype=torch.bool)
+    keep[gathered[:, :-1].reshape(-1)] = False
+    values = feat.clone()
+    values[gathered[:, -1]] = torch.stack([feat[w].mean(0) for w in gathered]) if r else values[gathered[:, -1]]
+    kept = keep.nonzero().squeeze(1)
+    return kept, values[kept]
+
+
+def dual_attention_filter_official(attn, global_thr, individual_thr):
+    """modelling_sparse_llama.py `dual_attention_filter` on (heads, text, image) attention: kept image indices."""
+    attn = attn.mean(dim=0)
+    attn_sum = attn.sum(dim=0)
+    candidate = (attn_sum < attn_sum.sum(dim=0) * global_thr) & (attn.max(dim=0)[0] < individual_thr)
+    return torch.arange(attn.shape[1])[~candidate]
+
+
+def mustdrop_official(model, inputs, keep_count, locs, global_thr, individual_thr, key_rate=0.08):
+    """MustDrop's stages on one sample: window merging with LightCompress's fixed r, the key set by the last CLIP
+    layer's [CLS] attention (official keep_rate 0.08), the dual-attention filter after each pruning layer (key tokens
+    kept). Merged tokens sit at their window's last token, positions stay original (vtc's choices, see the strategy's
+    docstring). Returns the image tokens reaching the last layer and the last logits."""
+    lm = model.model.language_model
+    attentions, _, features = tower_outputs(model, inputs["pixel_values"])
+    fix_r = (N - keep_count) // 8
+    kept, values = conditional_pooling_official(features[0], 6, 3, fix_r)
+    cls = attentions[-1][0, :, 0, 1:].mean(0)[kept]
+    key_set = kept[cls.topk(math.ceil(key_rate * len(kept))).indices]
+    with torch.no_grad():
+        embeds = lm.embed_tokens(inputs["input_ids"])[0]
+        is_visual = inputs["input_ids"][0] == model.config.image_token_id
+        visual_rows = is_visual.nonzero().squeeze(1)
+        embeds[visual_rows[kept]] = values.to(embeds.dtype)
+        start, text_start = int(visual_rows[0]), int(visual_rows[-1]) + 1
+        rows = torch.cat([torch.arange(start), start + kept, torch.arange(text_start, len(embeds))])
+        hidden, image, previous = embeds[rows][None], kept, 0
+        for loc in locs:
+            hidden = run_layers(lm, hidden, rows[None], previous, loc)
+            text_rows = torch.arange(len(rows) - (len(embeds) - text_start), len(rows))
+            weights = official_attention(lm.layers[loc], hidden, rows[None], text_rows, lm.rotary_emb)
+            vis_cols = torch.searchsorted(rows, start + image)
+            important = dual_attention_filter_official(weights[:, :, vis_cols], global_thr, individual_thr)
+            important = torch.unique(torch.cat([important, torch.nonzero(torch.isin(image, key_set)).squeeze(1)]))
+            output = run_layers(lm, hidden, rows[None], loc, loc + 1)[0]
+            image = image[important]
+            keep_rows = torch.cat([torch.arange(start), start + image, torch.arange(text_start, len(embeds))])
+            hidden, rows, previous = output[torch.searchsorted(rows, keep_rows)][None], keep_rows, loc + 1
+        hidden = run_layers(lm, hidden, rows[None], previous, len(lm.layers))
+        logits = model.lm_head(lm.norm(hidden))[0, -1]
+    return image, logits
+
+
+@pytest.mark.parametrize("keep,thresholds", [(12, (0.05, 0.05)), (20, (0.02, 0.04)), (12, (0.001, 0.001))])
+def test_mustdrop_equals_official_stages(keep, thresholds, eager_llava, single):
+    expected, logits = mustdrop_official(eager_llava, single, keep, [0, 1, 2], *thresholds)  # [2, 6, 10, 14] * 4 / 32
+    options = dict(global_thr=thresholds[0], individual_thr=thresholds[1])
+    with torch.no_grad(), vtc.patched(eager_llava, "mustdrop", keep=keep, **options) as handle:
+        out = eager_llava(**single).logits[0, -1]
+        final = handle.last_kept("final")[0]
+        pre = handle.last_kept("pre_llm")[0]
+    assert len(pre) == N - 8 * ((N - keep) // 8)
+    assert final.tolist() == expected.tolist()
+    assert (out - logits).abs().max() <= 1e-4
+
+
+def test_mustdrop_spatial_threshold_is_the_official_adaptive_r(eager_llava, batch3):
+    from vtc.strategies.mustdrop import window_similarity
+
+    inputs = batch3[2]
+    _, _, features = tower_outputs(eager_llava, inputs["pixel_values"])
+    _, similarity = window_similarity(features, (6, 6))
+    threshold = float(similarity.median())
+    with torch.no_grad(), vtc.patched(eager_llava, "mustdrop", spatial_threshold=threshold, prefill=False) as handle:
+        eager_llava(**inputs)
+        kept = handle.last_kept("pre_llm")
+    for b in range(2):  # r per image (the official code takes the minimum over its batch)
+        expected, _ = conditional_pooling_official(features[b], 6, 3, threshold=threshold)
+        r = int((similarity[b] >= threshold).sum())
+        assert 0 < r < 4 and len(kept[b]) == N - 8 * r and kept[b].tolist() == expected.tolist()
+
+
 # ------------------------------------------------------------------------------------------ invariants
-IDENTITY = [("pdrop", {}), ("sparsevlm", {}), ("hiprune", {}), ("scope", {})]
+IDENTITY = [("pdrop", {}), ("sparsevlm", {}), ("hiprune", {}), ("scope", {}), ("mustdrop", {"prefill": False})]
 ALL = [
     ("pdrop", {}),
     ("pdrop", {"layers": [1, 3]}),
@@ -358,6 +456,8 @@ ALL = [
     ("hiprune", {"alpha": 1.0}),
     ("scope", {}),
     ("idpruner", {"selector": NormSelector()}),
+    ("mustdrop", {}),
+    ("mustdrop", {"spatial_threshold": 0.5, "global_thr": 0.05, "individual_thr": 0.05}),
 ]
 
 

@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     hiprune,
     hired,
     idpruner,
+    mustdrop,
     pdrop,
     pmod,
     quota,
