@@ -21,6 +21,7 @@ What vtc does, per image:
    text rows is below `global_thr` x the total AND its largest text-row attention is below `individual_thr`, unless
    it is a key token. Thresholds default to the official LLaVA-1.5 192-token scripts (0.001, 0.001); the scripts
    use (0.0012, 0.001) for 128 and (0.011, 0.01) for 64 tokens. Counts differ per image.
+`layers=` takes the official `pruning_loc` indices: 0-based decoder layers whose OUTPUT is pruned (at most L - 2).
 
 Where we differ from the official code, and why:
 - Stage 1 runs on the visual tokens entering the LLM (similarity and mean of the projected features), not inside
@@ -101,7 +102,7 @@ class MustDrop(Strategy):
         if not self.prefill:
             return []
         layers = self.layers or sorted({int(x * num_layers / 32 + 0.5) for x in OFFICIAL_LAYERS})
-        return sorted({layer + 1 for layer in layers if layer + 1 < num_layers})
+        return sorted({layer + 1 for layer in layers})  # the adapter refuses a layer the decoder does not have
 
     def describe(self) -> str:
         threshold = self.spatial_threshold

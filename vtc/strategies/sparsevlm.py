@@ -22,6 +22,7 @@ As in the official code (its default, `USE_VERSION=1_0`):
 at those four values the official schedule is used exactly; between them the per-layer fractions are interpolated
 linearly (ours: the official code has only the four tables), towards all tokens at keep = 1 (no pruning: the
 identity) and towards no token at keep -> 0. An int keep is read as keep / N.
+`layers=` takes the official `pruning_loc` indices: 0-based decoder layers whose OUTPUT is pruned (at most L - 2).
 
 Where we differ from the official code, and why:
 - A recycled cluster token takes the place (and the original position id) of its cluster centre, among the kept
