@@ -447,18 +447,17 @@ def test_mustdrop_spatial_threshold_is_the_official_adaptive_r(eager_llava, batc
 
 # ------------------------------------------------------------------------------------------ invariants
 IDENTITY = [("pdrop", {}), ("sparsevlm", {}), ("hiprune", {}), ("scope", {}), ("mustdrop", {"prefill": False})]
-ALL = [
+MUSTDROP_FILTERING = ("mustdrop", {"spatial_threshold": 0.5, "global_thr": 0.05, "individual_thr": 0.05})
+GENERATE = [
     ("pdrop", {}),
-    ("pdrop", {"layers": [1, 3]}),
     ("sparsevlm", {}),
     ("sparsevlm", {"schedule": "rank", "scale": 2.0}),
-    ("hiprune", {}),
     ("hiprune", {"alpha": 1.0}),
     ("scope", {}),
     ("idpruner", {"selector": NormSelector()}),
-    ("mustdrop", {}),
-    ("mustdrop", {"spatial_threshold": 0.5, "global_thr": 0.05, "individual_thr": 0.05}),
+    MUSTDROP_FILTERING,
 ]
+BATCH = [*GENERATE[:3], ("pdrop", {"layers": [1, 3]}), *GENERATE[3:]]
 
 
 @pytest.mark.parametrize("strategy,options", IDENTITY, ids=ids(IDENTITY))
@@ -466,12 +465,12 @@ def test_keep_one_is_identity(strategy, options, llava, batch3):
     assert_keep_one_is_identity(llava, batch3[2], strategy, **options)
 
 
-@pytest.mark.parametrize("strategy,options", ALL, ids=ids(ALL))
+@pytest.mark.parametrize("strategy,options", GENERATE, ids=ids(GENERATE))
 def test_generate_with_cache_equals_recompute(strategy, options, llava, batch3):
     assert_cached_generate_equals_recompute(llava, batch3[2], strategy, 4, keep=0.5, also_uncached=True, **options)
 
 
-@pytest.mark.parametrize("strategy,options", ALL, ids=ids(ALL))
+@pytest.mark.parametrize("strategy,options", BATCH, ids=ids(BATCH))
 def test_batch_equals_each_sample_alone(strategy, options, llava, processor, batch3):
     questions, images, inputs = batch3
     alone = {b: llava_inputs(processor, [questions[b]], [images[b]]) for b in range(3)}

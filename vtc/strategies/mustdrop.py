@@ -13,6 +13,8 @@ What vtc does, per image:
    `retained_tokens` rule: keep is the budget of this stage), or with `spatial_threshold=` the official adaptive
    r = number of windows whose similarity is >= the threshold (official 0.8; per image, where the official code
    takes the minimum over the batch to keep tensor shapes equal: a batch then gives what each sample gives alone).
+   A window of 9 becomes 1, so this stage removes at most 8/9 of the tokens in whole windows (a 14 x 14 grid: 128 of
+   196); a smaller keep is not reached here, and the report shows the realised counts.
 2. Key tokens: the ceil(0.08 * n) tokens left after merging that the [CLS] token attends to most at the vision
    tower's last layer (mean over heads; official `keep_rate = 0.08` at layer 23 of 24) are never dropped later.
 3. Prefill (dual-attention filtering): at decoder layers [2, 6, 10, 14] (of 32, scaled to the depth: round(l L / 32);
