@@ -40,6 +40,10 @@ UNSUPPORTED = {
     "qwen3_vl": {"hired": "[CLS]", "quota": "scorer"},
     "qwen3_vl_moe_video": {"hired": "[CLS]", "quota": "scorer"},
 }
+for _family in ("llava_onevision", "llava_onevision_video"):  # SCOPE's saliency, MustDrop's key tokens: [CLS]
+    UNSUPPORTED[_family].update(scope="[CLS]", mustdrop="[CLS]")
+# tiny grids have few whole 3 x 3 windows: MustDrop's in-LLM filter, with thresholds that drop on tiny models, shows
+STRATEGY_OPTIONS = {"mustdrop": {"global_thr": 0.3, "individual_thr": 0.3}}
 
 
 
@@ -109,7 +113,8 @@ def test_strategy_runs_on_adapter(case, strategy):
     eos = model.config.text_config.eos_token_id
     prompt = inputs["input_ids"].shape[1]
     # the processor goes to the strategies that build prompts with it (QuoTA); the others ignore it
-    with torch.no_grad(), vtc.patched(model, strategy, keep=0.25, processor=processor) as handle:
+    options = STRATEGY_OPTIONS.get(strategy, {})
+    with torch.no_grad(), vtc.patched(model, strategy, keep=0.25, processor=processor, **options) as handle:
         cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, prompt:]
         report = handle.report()
         handle.reuse_selection = True
