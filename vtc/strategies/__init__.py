@@ -2,18 +2,23 @@
 
 from . import (  # noqa: F401
     atp,
+    cdpruner,
     dart,
+    divprune,
     downsample,
     dyvte,
+    fastervlm,
     fastv,
     fopru,
     hired,
+    holov,
     pmod,
     quota,
     random_baseline,
     todre,
     tome,
     visionzip,
+    vispruner,
     vtc_cls,
 )
 from .base import Strategy, VisualTokens, list_strategies, register_strategy
