@@ -28,8 +28,11 @@ Two choices of ours by default, each with the official behaviour as an option:
   norm. `pivot_order="official"`: the order in which CPython iterates `set(image_indices + query_indices)`,
   the pivots' indices in the sample's sequence (deterministic for ints, but an implementation detail); it
   reads 8 indices per image to the host.
-  Measured on the trained tiny VLM (8x8 = 64 tokens per image, `keep=128/576` -> 14 tokens, layer 2, 40
-  held-out scene questions; `python eval/dart_fidelity.py`): see the table in that script's docstring.
+  Measured (`python eval/dart_fidelity.py --n 40`: the trained tiny VLM, 196 tokens per image, layer 2, 40
+  held-out questions, one run): Jaccard index of the kept sets, default vs the official rule (both options),
+  mean (min): keep 128/576 (44 tokens either way) 0.81 (0.66); keep 0.25 (49 vs 52 tokens) 0.81 (0.66);
+  keep 0.1 (20 tokens) 0.88 (0.74). The pivot order alone accounts for nearly all of it (0.81 / 0.82 / 0.88);
+  the budget alone changes only the count (0.94 at keep 0.25, where 49 vs 52).
 
 Also ours: text pivots are the sample's text tokens after the image's last token (the official code takes
 every token after the image span; with several images we skip the other images' tokens). If a budget is
