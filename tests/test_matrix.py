@@ -32,16 +32,20 @@ QUESTIONS = ["What is in the image?", "How many objects are there? Answer with o
 STRATEGIES = [s for s in vtc.list_strategies() if s != "none"]
 # probes a family cannot provide (no [CLS] on SigLIP; no per-head keys probe on the Qwen vision tower); QuoTA
 # cannot score Qwen3-VL frames with the model itself (DeepStack)
-CLS_ONLY_A = {"fastervlm": "[CLS]", "vispruner": "[CLS]", "holov": "[CLS]"}  # issue 21a: [CLS] attention
+# issue 21a: [CLS] attention; PruMerge+'s single-head [CLS] probe and concatenated keys exist on CLIP towers only
+CLS_ONLY_A = {"fastervlm": "[CLS]", "vispruner": "[CLS]", "holov": "[CLS]", "prumerge_plus": "[CLS]"}
 UNSUPPORTED = {
     "llava_onevision": {"vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]", "hired": "[CLS]", **CLS_ONLY_A},
     "llava_onevision_video": {
         "vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]", "hired": "[CLS]", **CLS_ONLY_A
     },
-    "qwen2_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]"},
-    "qwen2_5_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]"},
-    "qwen3_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "quota": "scorer"},
-    "qwen3_vl_moe_video": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "quota": "scorer"},
+    "qwen2_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "prumerge_plus": "[CLS]"},
+    "qwen2_5_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "prumerge_plus": "[CLS]"},
+    "qwen3_vl": {"visionzip": "keys", "tome": "keys", "hired": "[CLS]", "quota": "scorer", "prumerge_plus": "[CLS]"},
+    "qwen3_vl_moe_video": {
+        "visionzip": "keys", "tome": "keys", "hired": "[CLS]", "quota": "scorer", "prumerge_plus": "[CLS]"
+    },
+    "internvl": {"prumerge_plus": "cannot provide"},
 }
 
 

@@ -1,10 +1,11 @@
-"""divprune, fastervlm, vispruner, cdpruner, holov (issue 21): each one's selection against a re-statement of its
-official selection loop on the same inputs (written here from the official code, plain loops), and the DESIGN.md
-section 4 invariants on the tiny LLaVA (keep=1 identity, pre-LLM oracle, generate with cache vs recompute,
-batch vs alone). The cross-adapter cells are in tests/test_matrix.py."""
+"""divprune, fastervlm, vispruner, cdpruner, holov, prumerge_plus (issue 21): each one's selection against a
+re-statement of its official selection loop on the same inputs (written here from the official code, plain
+loops), and the DESIGN.md section 4 invariants on the tiny LLaVA (keep=1 identity, pre-LLM oracle, generate with
+cache vs recompute, batch vs alone). The cross-adapter cells are in tests/test_matrix.py."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,11 @@ from .helpers import (
     assert_batch_equals_each_sample_alone,
     assert_cached_generate_equals_recompute,
     assert_keep_one_is_identity,
+    full_embeds,
+    greedy_recompute,
+    kept_rows,
     pre_llm_oracle_logits,
+    until_eos,
 )
 
 NEW = ["divprune", "fastervlm", "vispruner", "cdpruner", "holov"]
@@ -143,6 +148,45 @@ def holov_official(x, attn, count, parts=16, esp=1e-6):
     return sorted(kept)
 
 
+def prumerge_plus_official(q, k, x, adaptive=True, reduction_ratio=1 / 8):
+    """42Shawn/LLaVA-PruMerge clip_encoder.py `token_prune_merge_advanced_plus`, one image: q, k (1 + N, C) the
+    last layer's q_proj / k_proj outputs, x (N, D) the features merged. Returns the kept indices (the official
+    order) and their merged features (the appended extra token left out)."""
+    n, c = x.shape[0], q.shape[1]
+    cls_attn = ((q @ k.t()) * c**-0.5).softmax(dim=-1)[0, 1:]
+    if adaptive:
+        values = cls_attn.double().numpy()
+        q1, q3 = np.percentile(values, 25), np.percentile(values, 75)
+        outliers = max(1, len(np.where(values > q3 + 1.5 * (q3 - q1))[0]))  # max(1, .): our documented fallback
+        reduction_ratio = outliers / len(values)
+    idx = torch.topk(cls_attn, int(n * reduction_ratio)).indices.tolist()
+    step = int(1 / reduction_ratio)
+    if adaptive:
+        sequence = range(0, n - 1, max(1, int(step / 3)))  # max(1, .): our documented fallback
+    else:
+        sequence = range(int(step / 2), n - 1, step)
+    idx += [t for t in sequence if t not in idx]  # (the non-adaptive official path keeps duplicates twice)
+    keys = torch.nn.functional.normalize(k[1:], dim=-1)
+    merged = []
+    for i in idx:
+        rest = [j for j in range(n) if j != i]
+        sims = keys[i] @ keys[rest].t()
+        near = [rest[j] for j in torch.topk(sims, k=32).indices.tolist()]
+        merged.append(x[i] + (x[near] * cls_attn[near][:, None]).sum(0))
+    return idx, torch.stack(merged)
+
+
+def last_layer_qk(model, pixel_values):
+    """The last vision layer's q_proj and k_proj outputs per image (I, 1 + N, C), as PruMerge's hooks read them."""
+    tower = model.model.vision_tower
+    encoder = getattr(tower, "vision_model", tower).encoder
+    last = encoder.layers[-1]
+    with torch.no_grad():
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states[-2]
+        normed = last.layer_norm1(hidden)
+        return last.self_attn.q_proj(normed), last.self_attn.k_proj(normed)
+
+
 # ----------------------------------------------------------------------------- same input, same selection
 @pytest.mark.parametrize("keep", [0.098, 0.25, 0.5])
 def test_divprune_equals_official_loop(eager_model, batch3, keep):
@@ -225,6 +269,24 @@ def test_holov_overflowing_partition_keeps_whole_and_fewer():
     assert int(mask[0].sum()) < 20 == int(mask[1].sum())
 
 
+@pytest.mark.parametrize("keep", [None, 0.25, 0.5])
+def test_prumerge_plus_equals_official(eager_model, batch3, keep):
+    """Adaptive (keep=None: IQR outliers + spatial sample) and the official non-adaptive path (a keep); the merged
+    features at every kept token equal the official loop's, on the projected features (ours, see the docstring)."""
+    inputs = batch3[2]
+    q, k = last_layer_qk(eager_model, inputs["pixel_values"])
+    _, features = vision_inputs(eager_model, inputs["pixel_values"])
+    with torch.no_grad(), vtc.patched(eager_model, "prumerge_plus", keep=keep) as handle:
+        eager_model(**inputs)
+        chosen = handle._last["selections"]["pre_llm"]  # image -> (kept token ids, their merged features)
+    for i in range(4):
+        ratio = 1 / 8 if keep is None else round(N * keep) / (2 * N)
+        idx, merged = prumerge_plus_official(q[i], k[i], features[i], keep is None, ratio)
+        order = sorted(range(len(idx)), key=lambda j: idx[j])
+        assert chosen[i][0].tolist() == sorted(set(idx))
+        torch.testing.assert_close(chosen[i][1], merged[order], atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ invariants
 @pytest.mark.parametrize("strategy", NEW)
 def test_keep_one_is_identity(strategy, llava, batch3):
@@ -266,3 +328,49 @@ def test_bad_options_fail_early(llava):
     with pytest.raises(ValueError, match="partitions"):
         vtc.patch(llava, "holov", partitions=0)
     assert "forward" not in vars(llava.model.language_model)
+
+
+@pytest.mark.parametrize("keep", [None, 0.5])
+def test_prumerge_plus_equals_merged_oracle_and_alone(keep, llava, processor, batch3):
+    """Merged features at the kept tokens, the rest dropped: the unpatched LM on that sequence (the oracle); each
+    sample alone keeps and merges the same; generate with the cache equals recomputing (the selection does not
+    depend on the text, so every step re-selects the same)."""
+    questions, images, inputs = batch3
+    embeds, visual = full_embeds(llava, inputs)
+    eos = llava.config.text_config.eos_token_id
+    with torch.no_grad(), vtc.patched(llava, "prumerge_plus", keep=keep) as handle:
+        out = llava(**inputs).logits
+        kept = handle.last_kept("pre_llm")
+        chosen = handle._last["selections"]["pre_llm"]
+        cached = llava.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        recomputed = greedy_recompute(llava, inputs, 4)
+        for b in range(3):
+            one = llava(**llava_inputs(processor, [questions[b]], [images[b]])).logits
+            assert torch.equal(handle.last_kept("pre_llm")[0], kept[b])
+            assert (out[b, -one.shape[1] :] - one[0]).abs().max() <= 1e-5
+    assert until_eos(cached, eos) == until_eos(recomputed, eos)
+    image_of_sample = [[0], [1], [2, 3]]
+    for b in range(3):
+        merged = torch.cat([chosen[i][1] for i in image_of_sample[b]])
+        sample = embeds[b : b + 1].clone()
+        sample[0, visual[b].nonzero().squeeze(1)[kept[b]]] = merged
+        rows = kept_rows(inputs, visual, kept, b)
+        with torch.no_grad():
+            hidden = llava.model.language_model(
+                inputs_embeds=sample[:, rows],
+                position_ids=rows[None],
+                attention_mask=torch.ones(1, len(rows), dtype=torch.long),
+                use_cache=False,
+            ).last_hidden_state
+        oracle = llava.lm_head(hidden)[0]
+        assert (out[b, -len(oracle) :] - oracle).abs().max() <= 1e-5
+
+
+def test_prumerge_plus_keep_one_and_refusals(llava, batch3):
+    assert_keep_one_is_identity(llava, batch3[2], "prumerge_plus")
+    from vtc.testing.llava_next import tiny_llava_onevision
+
+    onevision = tiny_llava_onevision("qwen2", seed=23)
+    with pytest.raises(ValueError, match=r"\[CLS\]"):
+        vtc.patch(onevision, "prumerge_plus")
+    assert "forward" not in vars(onevision.model.language_model)

@@ -13,6 +13,7 @@ from . import (  # noqa: F401
     hired,
     holov,
     pmod,
+    prumerge_plus,
     quota,
     random_baseline,
     todre,
