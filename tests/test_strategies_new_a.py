@@ -374,3 +374,13 @@ def test_prumerge_plus_keep_one_and_refusals(llava, batch3):
     with pytest.raises(ValueError, match=r"\[CLS\]"):
         vtc.patch(onevision, "prumerge_plus")
     assert "forward" not in vars(onevision.model.language_model)
+
+
+def test_vtc_list_names_every_strategy(capsys):
+    """`vtc list` prints every strategy, also those whose default keep is None (p-MoD, PruMerge+: it crashed)."""
+    from vtc.cli import main
+
+    main(["list"])
+    printed = capsys.readouterr().out
+    assert all(f"  {name} " in printed for name in vtc.list_strategies())
+    assert "prumerge_plus stage=pre_llm  default keep=None" in printed
