@@ -21,8 +21,8 @@ embeddings of the sample's text tokens after the image's last token (the questio
 words; every text token of the sample when none follows the image). The sign and the normalisation are the
 official ones. The min-max runs per image (the official code runs it over one `encode_images` call: one image
 on LLaVA-1.5, the crops of one image on LLaVA-NeXT). Ties go to the lowest index (`argmax`, as the official).
-Default keep 64/576 (the official scripts' smallest LLaVA-1.5 setting shown first in the README). Needs no probe:
-every adapter runs it.
+Default keep 128/576 (the README's first example; the official scripts take the count as an argument). Needs no
+probe: every adapter runs it.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ class CDPruner(Strategy):
     aliases = ("cd_pruner",)
     stage = "pre_llm"
     paper = "Zhang et al., NeurIPS 2025, arXiv:2506.10967"
-    default_keep = 64 / 576
+    default_keep = 128 / 576
 
-    def __init__(self, keep: float | int = 64 / 576):
+    def __init__(self, keep: float | int = 128 / 576):
         super().__init__(keep)
 
     def describe(self) -> str:
