@@ -384,3 +384,12 @@ def test_vtc_list_names_every_strategy(capsys):
     printed = capsys.readouterr().out
     assert all(f"  {name} " in printed for name in vtc.list_strategies())
     assert "prumerge_plus stage=pre_llm  default keep=None" in printed
+
+
+def test_dart_official_options_batch_equals_each_sample_alone(llava, processor, batch3):
+    """The official pivot order reads each sample's own sequence indices: left padding must not change them."""
+    questions, images, inputs = batch3
+    alone = {b: llava_inputs(processor, [questions[b]], [images[b]]) for b in range(3)}
+    assert_batch_equals_each_sample_alone(
+        llava, inputs, alone, "dart", keep=10, budget="official", pivot_order="official", tokens=2
+    )
