@@ -19,7 +19,9 @@ Ours: tokens stay in raster order at their original positions (the official code
 by partition in attention order, at consecutive positions); when a partition's allocation exceeds its size
 the official code fills the missing slots with ZERO vectors, which we do not add: that image keeps fewer
 tokens (the report shows it; images of one batch may then keep different counts); ties go to the lower index
-(`topk` is unordered); computed in float32. `partitions=` changes P. Default keep 64/576. On Qwen-VL the
+(`topk` is unordered); computed in float32. `partitions=` changes P. On LLaVA-NeXT the official code runs once per
+image over its packed tokens (base image and crops together, 64 in all); vtc gives each unit (base image, crop,
+frame) its own budget and its own P partitions, as every vtc strategy. Default keep 64/576. On Qwen-VL the
 adapter's [CLS] surrogate stands in (the official repository also has a Qwen2.5-VL version); SigLIP towers
 (OneVision) are refused.
 """
