@@ -30,8 +30,8 @@ from vtc import kernels, ops  # noqa: E402
 from vtc.kernels import reference as ref  # noqa: E402
 
 SHAPES = [(1, 7, 16), (3, 64, 48), (3, 130, 16)]  # (B, N, D)
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-MERGE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+MERGE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-5}
 
 
 @pytest.fixture
@@ -138,6 +138,21 @@ def test_pairwise_cosine_reference_vs_oracle():
     assert sim.dtype == torch.float32 and sim.shape == (2, 5, 4)
     torch.testing.assert_close(sim.double(), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(ops.pairwise_cosine(x), ref.pairwise_cosine(x, x))
+
+
+def test_float64_input_on_every_op():
+    """The docstrings promise any float dtype: float64 ran into vector_norm's no-narrowing rule before."""
+    x = randn((2, 21, 8), 40, torch.float64)
+    want = torch.tensor([[[cos64(x[b, i], x[b, j]) for j in range(21)] for i in range(21)] for b in range(2)])
+    torch.testing.assert_close(ops.pairwise_cosine(x).double(), want.double(), atol=1e-6, rtol=0)
+    assert [ops.kcenter(x, 6, first=3)[b].tolist() for b in range(2)] == [oracle_kcenter(x[b], 6, 3) for b in range(2)]
+    merged, size, keep = ops.bipartite_merge(x, 7, return_index=True)
+    want_merged, _, want_keep = oracle_tome(x[0], 7, torch.ones(21, 1), False)
+    assert merged.dtype == torch.float64 and keep[0].tolist() == want_keep
+    torch.testing.assert_close(merged[0], want_merged, atol=1e-6, rtol=0)
+    pivots = torch.tensor([[0, 4, 9]] * 2)
+    got = ops.duplication_select(x, pivots, 10)
+    assert [got[b].tolist() for b in range(2)] == [sorted(oracle_dart(x[b], [0, 4, 9], 10)) for b in range(2)]
 
 
 @pytest.mark.parametrize("N,k", [(7, 7), (33, 10)])
@@ -394,10 +409,10 @@ cases = [
 ]
 ints = ("first_ptr", "out_ptr", "arg_ptr", "piv_ptr")
 data = ("x_ptr", "y_ptr", "a_ptr", "b_ptr")
-for dt in ("fp16", "fp32"):
+for dt in ("fp16", "fp32", "fp64"):
     for fn, consts in cases:
         if "F32_DOT" in fn.arg_names:
-            consts = dict(consts, F32_DOT=dt == "fp32")
+            consts = dict(consts, F32_DOT=dt != "fp16")
         elif dt == "fp32":
             continue  # same code path as fp16
         ptr = lambda n: "*i64" if n in ints else "*" + dt if n in data else "*fp32"

@@ -31,14 +31,19 @@ from .helpers import until_eos
 QUESTIONS = ["What is in the image?", "How many objects are there? Answer with one word."]
 STRATEGIES = [s for s in vtc.list_strategies() if s != "none"]
 # probes a family cannot provide (no [CLS] on SigLIP; HiRED needs a real [CLS]); QuoTA cannot score Qwen3-VL
-# frames with the model itself (DeepStack)
+# frames with the model itself (DeepStack); PruMerge+'s single-head [CLS] probe and concatenated keys exist on CLIP
+# towers only
+CLS_ONLY_A = {"fastervlm": "[CLS]", "vispruner": "[CLS]", "holov": "[CLS]", "prumerge_plus": "[CLS]"}
 UNSUPPORTED = {
-    "llava_onevision": {"vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]", "hired": "[CLS]"},
-    "llava_onevision_video": {"vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]", "hired": "[CLS]"},
-    "qwen2_vl": {"hired": "[CLS]"},
-    "qwen2_5_vl": {"hired": "[CLS]"},
-    "qwen3_vl": {"hired": "[CLS]", "quota": "scorer"},
-    "qwen3_vl_moe_video": {"hired": "[CLS]", "quota": "scorer"},
+    "llava_onevision": {"vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]", "hired": "[CLS]", **CLS_ONLY_A},
+    "llava_onevision_video": {
+        "vtc_cls": "[CLS]", "visionzip": "[CLS]", "todre": "[CLS]", "hired": "[CLS]", **CLS_ONLY_A
+    },
+    "qwen2_vl": {"hired": "[CLS]", "prumerge_plus": "[CLS]"},
+    "qwen2_5_vl": {"hired": "[CLS]", "prumerge_plus": "[CLS]"},
+    "qwen3_vl": {"hired": "[CLS]", "quota": "scorer", "prumerge_plus": "[CLS]"},
+    "qwen3_vl_moe_video": {"hired": "[CLS]", "quota": "scorer", "prumerge_plus": "[CLS]"},
+    "internvl": {"prumerge_plus": "cannot provide"},
 }
 for _family in ("llava_onevision", "llava_onevision_video"):  # SCOPE's saliency, MustDrop's key tokens: [CLS]
     UNSUPPORTED[_family].update(scope="[CLS]", mustdrop="[CLS]")

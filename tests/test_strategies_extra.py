@@ -292,10 +292,12 @@ def test_todre_stage1_is_kcenter_seeded_by_cls(eager_model, batch3):
     assert kept[0].tolist() == expected[0].tolist() and kept[2][6:].tolist() == (expected[3] + N).tolist()
 
 
-def test_dart_selection_equals_official_loop(eager_model, single):
-    """Official get_retained_image_token re-stated (set loop, pivot quota = budget // 8) with a budget where
-    it coincides with our exact-budget split: 4 image pivots + 8 pivots x 3 = 28 tokens."""
-    model, layer, k = eager_model, 2, 28
+@pytest.mark.parametrize("k,official", [(28, False), (24, True), (17, True)])
+def test_dart_selection_equals_official_loop(eager_model, single, k, official):
+    """Official get_retained_image_token re-stated (set loop, pivot quota = budget // 8). Default options: a
+    budget where it coincides with our exact-budget split (4 image pivots + 8 pivots x 3 = 28 tokens);
+    `budget="official", pivot_order="official"`: any budget (24 -> 28 kept, 17 -> 20), the set's order."""
+    model, layer = eager_model, 2
     lm = model.model.language_model
     visual = single["input_ids"][0] == model.config.image_token_id
     start = int(visual.nonzero()[0])
@@ -317,17 +319,19 @@ def test_dart_selection_equals_official_loop(eager_model, single):
     image_pivots = sorted(image, key=lambda i: -float(norms[i]))[:4]
     text_pivots = sorted(range(start + N, len(norms)), key=lambda i: -float(norms[i]))[:4]
     chosen, candidates = set(image_pivots), [i for i in image if i not in image_pivots]
-    for pivot in image_pivots + text_pivots:
+    for pivot in list(set(image_pivots + text_pivots)) if official else image_pivots + text_pivots:
         sims = torch.stack([torch.cosine_similarity(last_state[pivot], last_state[c], dim=0) for c in candidates])
         picks = [candidates[int(i)] for i in (-sims).topk(k // 8).indices]
         chosen.update(picks)
         candidates = [c for c in candidates if c not in picks]
     expected = sorted(i - start for i in chosen)
-    with torch.no_grad(), vtc.patched(model, "dart", keep=k, layer=layer) as handle:
+    options = dict(budget="official", pivot_order="official") if official else {}
+    with torch.no_grad(), vtc.patched(model, "dart", keep=k, layer=layer, **options) as handle:
         out = model(**single).logits
         kept = handle.last_kept("final")[0]
         per_layer = handle.report().samples[0].visual_per_layer
-    assert kept.tolist() == expected and per_layer == [N, N, k, k]
+    kept_count = 4 + 8 * (k // 8)
+    assert kept.tolist() == expected and per_layer == [N, N, kept_count, kept_count]
     rows = (~visual).clone()
     rows[visual.nonzero().squeeze(1)[kept]] = True
     rows = rows.nonzero().squeeze(1)

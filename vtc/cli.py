@@ -111,7 +111,7 @@ def list_cmd(args) -> int:
     print("strategies:")
     for name in vtc.list_strategies():
         cls = get_strategy_class(name)
-        print(f"  {name:<10} stage={cls.stage:<8} default keep={getattr(cls, 'default_keep', 1.0):<7} {cls.paper}")
+        print(f"  {name:<10} stage={cls.stage:<8} default keep={str(getattr(cls, 'default_keep', 1.0)):<7} {cls.paper}")
     print("models:\n  " + "\n  ".join(vtc.supported_models()))
     return 0
 

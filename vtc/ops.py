@@ -194,7 +194,7 @@ def bipartite_merge(x: Tensor, r: int, *, size: Tensor | None = None, protect_fi
     ORIGINAL ORDER; ``index`` gives each output token's original index.
 
     Args:
-        x: (B, N, D) tokens (fp16 / bf16 / fp32; averaging is done in float32).
+        x: (B, N, D) tokens (fp16 / bf16 / fp32 / fp64; averaging is done in float32).
         r: number of tokens to remove (clamped, see :func:`bipartite_match`).
         size: (B, N, 1) token sizes (how many original tokens each represents); default ones.
         protect_first: never merge token 0 (the [CLS]).

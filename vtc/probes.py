@@ -113,3 +113,18 @@ def vit_keys(attn: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor
     b, n, _ = hidden_states.shape
     keys = attn.k_proj(hidden_states).view(b, n, attn.num_heads, attn.head_dim)
     return keys.mean(dim=2).transpose(1, 2)
+
+
+def vit_cls_attention_single_head(attn: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """(B, 1, N) attention of the [CLS] query to every key with all heads concatenated into ONE head: softmax of
+    q_cls . k_j / sqrt(D) over the full projections (D = hidden size). LLaVA-PruMerge's score
+    (clip_encoder.py: `desired_layer_q @ desired_layer_k.transpose(-2, -1) * C ** -0.5`)."""
+    q = attn.q_proj(hidden_states[:, :1]).float()
+    k = attn.k_proj(hidden_states).float()
+    return ((q @ k.transpose(-1, -2)) * k.shape[-1] ** -0.5).softmax(dim=-1)
+
+
+def vit_keys_concat(attn: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """(B, D, N) keys of a ViT attention layer with all heads concatenated (the raw k_proj output), tokens LAST.
+    LLaVA-PruMerge's merge metric (`desired_layer_k`)."""
+    return attn.k_proj(hidden_states).transpose(1, 2)

@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import torch
 
-from ..probes import vit_attention_received, vit_cls_attention, vit_keys
+from ..probes import (
+    vit_attention_received,
+    vit_cls_attention,
+    vit_cls_attention_single_head,
+    vit_keys,
+    vit_keys_concat,
+)
 from .base import Adapter, register_adapter
 from .decoder import VisualLayout
 from .vit_merge import TowerMerge, merge_probe, vision_merge_plan
 
-VISION_PROBES = {"cls": vit_cls_attention, "received": vit_attention_received, "keys": vit_keys}
+VISION_PROBES = {
+    "cls": vit_cls_attention,
+    "received": vit_attention_received,
+    "keys": vit_keys,
+    "cls_single_head": vit_cls_attention_single_head,  # LLaVA-PruMerge+
+    "keys_concat": vit_keys_concat,  # LLaVA-PruMerge+
+}
 
 
 @register_adapter

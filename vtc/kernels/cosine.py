@@ -75,9 +75,10 @@ def interpreted() -> bool:
 
 
 def f32_dot(x: Tensor) -> bool:
-    """Whether tiles are multiplied in fp32: always for float32 inputs, and for bfloat16 under the
-    interpreter, whose bf16 ``tl.dot`` is wrong (triton 3.9: it multiplies the raw bit patterns)."""
-    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreted())
+    """Whether tiles are multiplied in fp32: always for float32 and float64 inputs (float64 tiles are
+    rounded to float32, as the reference does), and for bfloat16 under the interpreter, whose bf16
+    ``tl.dot`` is wrong (triton 3.9: it multiplies the raw bit patterns)."""
+    return x.dtype in (torch.float32, torch.float64) or (x.dtype == torch.bfloat16 and interpreted())
 
 
 def rows_contiguous(x: Tensor) -> Tensor:

@@ -44,8 +44,11 @@ class BipartiteMatch(NamedTuple):
 
 # --------------------------------------------------------------------------------------- cosine
 def inv_norm(x: Tensor) -> Tensor:
-    """1 / max(||x||_2, EPS) over the last dim, in float32 (no float32 copy of ``x`` is made)."""
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(EPS).reciprocal()
+    """1 / max(||x||_2, EPS) over the last dim, in float32 (no float32 copy of ``x`` is made).
+
+    float64 input: the norm is taken in float64 and rounded to float32 (vector_norm does not narrow)."""
+    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x, dim=-1, dtype=accumulate).float().clamp_min(EPS).reciprocal()
 
 
 def pairwise_cosine(x: Tensor, y: Tensor | None = None) -> Tensor:

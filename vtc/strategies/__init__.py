@@ -2,17 +2,22 @@
 
 from . import (  # noqa: F401
     atp,
+    cdpruner,
     dart,
+    divprune,
     downsample,
     dyvte,
+    fastervlm,
     fastv,
     fopru,
     hiprune,
     hired,
+    holov,
     idpruner,
     mustdrop,
     pdrop,
     pmod,
+    prumerge_plus,
     quota,
     random_baseline,
     scope,
@@ -20,6 +25,7 @@ from . import (  # noqa: F401
     todre,
     tome,
     visionzip,
+    vispruner,
     vtc_cls,
 )
 from .base import Strategy, VisualTokens, list_strategies, register_strategy

@@ -9,6 +9,13 @@ whole causal row); round(N * keep) are kept per image (paper default R = 50%, ke
 original order and with their original position ids; layers K.. run on the shorter sequence and cache it.
 Text tokens are never dropped. `queries="text"` averages the rows of all text tokens instead (the paper's
 wording, "attention received from all other tokens"; the official code uses the last token).
+
+Budget rounding: round(N * keep) is rounded half up (vtc's `tokens_to_keep`). The official repository has
+three implementations that disagree: the HF-transformers one (src/FastV/llava-hf/.../llama/modeling_llama.py,
+`topk(round(FASTV_image_token_length * (1 - FASTV_r)))`) rounds like us except at exact halves (Python's
+`round` goes to even: N = 36, keep 0.125 -> 4 there, 5 here); the lmms-eval one (src/FastV/lmms-eval/
+fastv_kvcache.py, `topk(int(576 * ratio))`) truncates (keep 0.1: 57 of 576 there, 58 here); the LLaVA one
+takes an absolute count (`fast_v_attention_rank`). Pass an int `keep` for an exact count.
 """
 
 from __future__ import annotations

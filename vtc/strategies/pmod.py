@@ -27,6 +27,15 @@ Our choices:
   `keep` (the floor drops to `keep` when `keep` is below it); keep=1.0 routes no layer (the unpatched model).
   An int keep is refused: a per-image token count has no meaning for layer routing. `ratios={layer: ratio}`
   replaces the schedule.
+- the cosine's period: the official `shifted_cos_with_ratio` hard-codes 31 (= L - 1 of its 32-layer LLMs);
+  we use the model's own L - 1, so on 32 layers the two schedules are the same and on other depths ours
+  still reaches the floor at the last layer (the official one would stop part-way, or pass it).
+- top-k over visual tokens only: the official `ModLayer.forward` sets the non-target (text) logits to -inf
+  *before* TanhNorm, which maps them to 0.2 tanh(-inf) + 1 = 0.8, the same weight as a visual token whose
+  router saturates (tanh(r) = -1 in floating point, r below about -9 in fp32, sooner in fp16/bf16). With
+  enough saturated visual tokens, the official `topk` can then return text positions, so the layer computes
+  fewer visual tokens than floor(N rho_l) (the text runs anyway). We rank only the visual tokens, so every
+  routed layer computes exactly floor(N rho_l) of them; elsewhere the two agree.
 - ties (e.g. zero-initialised routers) break towards the earlier token (the official `topk` is unordered).
   Note: the router of the LAST decoder layer gets no gradient from the LM loss (a visual token's output of
   the last layer reaches only its own logits, which carry no label), so it keeps its zero init and picks the

@@ -12,9 +12,12 @@ Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language M
   (`raw_key_states.mean(1)`), L2-normalised; targets sit at a uniform stride among the remaining tokens
   (`step = max(1, R // contextual)`, `arange(0, R, step)[:contextual]`); every other remaining token joins
   the target of highest cosine similarity (argmax, ties to the lower target).
-- Official default for 64 tokens: `visionzip(model, dominant=54, contextual=10)` (README), i.e. 53 patches +
-  the [CLS] state + 10 contextual tokens. Other budgets keep the same ratio: contextual = round(k * 10 / 64)
-  (192 -> 30, 128 -> 20, 64 -> 10: the official settings), dominant = k - contextual.
+- What the official repository says about budgets (read in visionzip/main.py and README.md): the code
+  default is `visionzip(model, dominant=191, contextual=30)` (190 patches + the [CLS] state + 30 contextual
+  = 221 tokens); the README's example is `dominant=54, contextual=10` (53 patches + [CLS] + 10 = 64 tokens).
+  Ours: every budget k keeps the README's ratio, contextual = round(k * 10 / 64) and dominant = k - contextual
+  (64 -> 54 + 10 as the README; 128 -> 108 + 20 and 192 -> 162 + 30 are our extrapolation, not read from the
+  official code, which sets no split per budget).
 
 Our choices (documented deviations):
 
