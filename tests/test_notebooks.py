@@ -83,7 +83,7 @@ import nbformat, nbclient
 
 class PatientClient(nbclient.NotebookClient):
     async def async_start_new_kernel_client(self, **kwargs):
-        kc, kernel_id = await super().async_start_new_kernel_client(**kwargs)
+        kc = await super().async_start_new_kernel_client(**kwargs)
         get_msg = kc.shell_channel.get_msg
 
         async def sliced_get_msg(timeout=None):
@@ -98,7 +98,7 @@ class PatientClient(nbclient.NotebookClient):
                         raise
 
         kc.shell_channel.get_msg = sliced_get_msg
-        return kc, kernel_id
+        return kc
 
 
 nb = nbformat.read(sys.argv[1], as_version=4)
