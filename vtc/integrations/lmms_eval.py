@@ -31,6 +31,12 @@ vtc's report is averaged over the requests of each lmms-eval call and lands in t
 the last decoder layer), `avg_vtc_keep_ratio` and `avg_vtc_flops_ratio` (estimated LLM prefill FLOPs vs the
 unpatched model); `VTCModel.vtc_summary()` gives the same numbers from Python.
 
+Data parallel: `accelerate launch --num_processes N -m lmms_eval --model vtc ...` (or torchrun) loads one replica per
+process (on `cuda:<local rank>`, or the CPU when `device=cpu` or no GPU: a gloo group); lmms-eval gives each process
+its share of the requests and gathers the results; the padding requests lmms-eval adds to the shorter shares are
+answered without running the model. vtc's throughput numbers are summed over the processes (elapsed time: the
+slowest process's).
+
 Without the entry point (vtc not pip-installed, only on PYTHONPATH): `python -m vtc.integrations.lmms_eval ...`
 takes the same arguments as `lmms-eval`.
 """
@@ -42,6 +48,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from loguru import logger as eval_logger
@@ -140,6 +147,11 @@ class VTCModel(lmms):
         keep, kv_budget, kv_options = parse_value(keep), parse_value(kv_budget), parse_value(kv_options)
         if device in (None, "", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        # data parallel (accelerate launch / torchrun): one replica per process, lmms-eval splits the requests
+        self.accelerator = Accelerator(cpu=torch.device(device).type == "cpu")
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if self._world_size > 1 and device_map is None and torch.device(device).type == "cuda":
+            device = f"cuda:{self.accelerator.local_process_index}"
         batch_size = parse_value(batch_size)
         if not isinstance(batch_size, int):
             eval_logger.warning(f"vtc: batch_size={batch_size!r} is not an int; using 1")
@@ -240,6 +252,8 @@ class VTCModel(lmms):
     # --- lmms-eval API --------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy or sampled generation, batched by identical generation kwargs, longest prompts first."""
+        if _has_padding(requests):
+            return _skip_padding(requests, self.generate_until, "")
         start = self._totals.snapshot()
         prepared = []
         for index, request in enumerate(requests):
@@ -303,6 +317,8 @@ class VTCModel(lmms):
         Each pair is wrapped in a `GenerationResult`: lmms-eval 0.7.3's evaluator passes every response through
         `unwrap_generation_output`, which turns a bare (float, bool) tuple into its string; the wrapper's `text`
         is handed on as is."""
+        if _has_padding(requests):
+            return _skip_padding(requests, self.loglikelihood, GenerationResult(text=(0.0, False)))
         start = self._totals.snapshot()
         prepared = []
         for request in requests:
@@ -336,6 +352,8 @@ class VTCModel(lmms):
     def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
         """One request at a time: round 0 answers the context; the task's doc_to_text(doc, previous_output=...,
         round_idx=..., previous_round_info=...) gives (visuals, text, done, round outputs, info) for the next."""
+        if _has_padding(requests):
+            return _skip_padding(requests, self.generate_until_multi_round, [])
         start = self._totals.snapshot()
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="vtc multi-round"):
@@ -359,11 +377,18 @@ class VTCModel(lmms):
         return results
 
     def _log(self, start: dict) -> None:
-        """Throughput and vtc's numbers for the requests of this call, into lmms-eval's results ("throughput")."""
+        """Throughput and vtc's numbers for the requests of this call, into lmms-eval's results ("throughput").
+        Under data parallelism every process calls this once per request type; the numbers are summed over the
+        processes (time: the slowest process, so avg_speed is the run's throughput) and logged on each."""
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-        delta = self._totals.since(start)
-        extra = {k: v for k, v in delta.items() if k.startswith("vtc_") and k != "vtc_samples"}
+        delta = self._totals.delta(start)
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            every = [None] * self.world_size
+            torch.distributed.all_gather_object(every, delta)
+            eval_logger.info(f"vtc: process {self.rank} of {self.world_size} ran {delta['requests']} requests")
+            delta = {k: (max if k == "seconds" else sum)(d[k] for d in every) for k in delta}
+        extra = {k: v for k, v in _means(delta).items() if k != "vtc_samples"}
         seconds, tokens = delta["seconds"], delta["gen_tokens"]
         log_metrics(
             total_elapsed_time=seconds,
@@ -398,10 +423,9 @@ class _Totals:
         return {"seconds": self.seconds, "requests": self.requests, "gen_tokens": self.gen_tokens,
                 "samples": self.samples, **self.sums}  # fmt: skip
 
-    def since(self, start: dict) -> dict:
+    def delta(self, start: dict) -> dict:
         now = self.snapshot()
-        delta = {k: now[k] - start[k] for k in now}
-        return {**delta, **_means(delta)}
+        return {k: now[k] - start[k] for k in now}
 
     def summary(self) -> dict:
         return _means(self.snapshot())
@@ -415,6 +439,23 @@ def _means(sums: dict) -> dict:
     out["vtc_keep_ratio"] = sums["visual_kept"] / sums["visual_in"] if sums["visual_in"] else 1.0
     out["vtc_samples"] = n
     return out
+
+
+def _is_padding(request: Instance) -> bool:
+    """lmms-eval pads the shorter processes' request lists with copies marked `__padding_only__` (so that every
+    process runs as many batches); their answers are dropped. vtc's replicas share no collective in forward, so
+    it does not run them: they would count twice in the throughput numbers."""
+    return bool((request.metadata or {}).get("__padding_only__"))
+
+
+def _has_padding(requests: list[Instance]) -> bool:
+    return any(_is_padding(r) for r in requests)
+
+
+def _skip_padding(requests: list[Instance], run, filler) -> list:
+    """`run` on the real requests; `filler` answers each padding request."""
+    answers = iter(run([r for r in requests if not _is_padding(r)]))
+    return [filler if _is_padding(r) else next(answers) for r in requests]
 
 
 def _flatten(items):
