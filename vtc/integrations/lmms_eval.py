@@ -16,7 +16,10 @@
     keep                fraction (float in (0, 1]) or count (int) of each image's visual tokens kept
     kv, kv_budget       a decode-time KV-cache policy (`vtc.kv.list_policies()`) and its budget
     kv_options          the policy's options as JSON, e.g. kv_options='{"window":16}'
-    device              default cuda when available, else cpu; `device_map` (e.g. auto) is passed to from_pretrained
+    device              default cuda when available, else cpu
+    device_map          passed to from_pretrained (auto, balanced, sequential...): accelerate spreads the model over
+                        the GPUs, the CPU and the disk; with `max_memory` (`0:70GiB;cpu:100GiB`, semicolons) and
+                        `offload_folder` (for layers placed on the disk)
     dtype               auto (default), float32, float16 or bfloat16
     attn_implementation sdpa (default) or eager: vtc's decoder loop supports these two
     batch_size          requests per forward (left padding); lmms-eval's --batch_size sets it too
@@ -56,6 +59,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import vtc
+from vtc.adapters.decoder import execution_device
 from vtc.testing import TINY_MODEL_IDS as TINY_MODELS
 
 _MAX_ROUNDS = 32  # generate_until_multi_round stops here even when the task never signals the end
@@ -88,9 +92,24 @@ def parse_value(value):
     return text
 
 
+def parse_max_memory(text: str | dict) -> dict:
+    """`0:70GiB;1:70GiB;cpu:200GiB` (semicolons: --model_args splits on commas) -> from_pretrained's max_memory."""
+    if isinstance(text, dict):
+        return text
+    pairs = [part.split(":", 1) for part in str(text).split(";") if part.strip()]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"max_memory={text!r}: write device:size pairs separated by ';', e.g. 0:70GiB;cpu:200GiB")
+    return {int(k) if k.strip().isdigit() else k.strip(): v.strip() for k, v in pairs}
+
+
 def load_model(pretrained: str, *, device: str, dtype="auto", attn_implementation="sdpa", device_map=None, **kw):
     """(model, processor) for a hub id, a local checkpoint or one of TINY_MODELS; model in eval mode on `device`."""
     if pretrained in TINY_MODELS:
+        if device_map is not None:
+            raise ValueError(
+                f"device_map needs a checkpoint: save {pretrained} with save_pretrained (model and processor, see "
+                "vtc.testing.load_tiny_model) and pass its directory as pretrained"
+            )
         from vtc.testing import load_tiny_model
 
         model, processor = load_tiny_model(pretrained, attn_implementation)
@@ -104,8 +123,12 @@ def load_model(pretrained: str, *, device: str, dtype="auto", attn_implementatio
         cls = getattr(transformers, names[0]) if names else AutoModelForImageTextToText
         torch_dtype = dtype if dtype in (None, "auto") else getattr(torch, str(dtype))
         load = dict(common, dtype=torch_dtype, attn_implementation=attn_implementation)
-        if device_map is not None:
+        if device_map is not None:  # accelerate dispatches the model; vtc's tensors follow its layers
             load["device_map"] = device_map
+            if kw.get("max_memory"):
+                load["max_memory"] = parse_max_memory(kw["max_memory"])
+            if kw.get("offload_folder"):
+                load["offload_folder"] = kw["offload_folder"]
         model = cls.from_pretrained(pretrained, **load)
         processor = AutoProcessor.from_pretrained(pretrained, **common)
     if device_map is None:
@@ -131,6 +154,8 @@ class VTCModel(lmms):
         kv_options: dict | str | None = None,
         device: str | None = None,
         device_map: str | None = None,
+        max_memory: str | None = None,
+        offload_folder: str | None = None,
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
         batch_size: int | str = 1,
@@ -166,10 +191,12 @@ class VTCModel(lmms):
             dtype=parse_value(dtype),
             attn_implementation=attn_implementation,
             device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
             revision=revision,
             trust_remote_code=bool(parse_value(trust_remote_code)),
         )
-        self._device = next(self.model.parameters()).device  # with device_map: where the inputs go
+        self._device = execution_device(self.model.get_input_embeddings())  # with device_map: where inputs go
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
