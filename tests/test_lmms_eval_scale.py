@@ -149,3 +149,47 @@ def test_data_parallel_equals_one_process(tmp_path):
     assert b["total_gen_tokens"] == a["total_gen_tokens"]
     for key in ("avg_vtc_visual_in", "avg_vtc_visual_kept", "avg_vtc_keep_ratio", "avg_vtc_flops_ratio"):
         assert b[key] == pytest.approx(a[key], rel=1e-9), key
+
+
+def test_vtc_eval_sweep(tmp_path, monkeypatch):
+    """`vtc eval` (run_sweep): one loaded model, patched and unpatched between cells, gives each cell the results of a
+    fresh plug-in model with that strategy; the table and plot are written; a rerun reruns no finished cell."""
+    from lmms_eval import evaluator
+    from lmms_eval.tasks import TaskManager
+
+    from vtc.integrations import sweep
+
+    tasks = ["vtc_scene_qa_mc"]
+    rows = sweep.run_sweep(
+        "vtc-tiny", tasks, ["fastv"], [0.5], tmp_path, include_path=str(TASKS), batch_size=2, limit=3
+    )
+    assert [(r["strategy"], r["keep"]) for r in rows] == [
+        ("unpatched", ""), ("random", 0.5), ("downsample", 0.5), ("fastv", 0.5)
+    ]  # fmt: skip
+    assert all((tmp_path / name).is_file() for name in ("sweep.csv", "sweep.md", "sweep.png"))
+    by_strategy = {r["strategy"]: r for r in rows}
+    assert by_strategy["unpatched"]["relative"] == 1.0 and by_strategy["unpatched"]["flops_ratio"] == 1.0
+    assert by_strategy["unpatched"]["visual_kept"] == 36 and by_strategy["fastv"]["visual_kept"] == 18
+    assert (
+        by_strategy["random"]["llm_gflops"]
+        < by_strategy["fastv"]["llm_gflops"]
+        < by_strategy["unpatched"]["llm_gflops"]
+    )
+
+    task_manager = TaskManager(include_path=str(TASKS))
+    # a fresh plug-in model with the cell's strategy gives the cell's score (the reused model was patched 3 times)
+    fresh = VTCModel(pretrained="vtc-tiny", device="cpu", batch_size=2, strategy="fastv", keep=0.5)
+    results = evaluator.simple_evaluate(
+        model=fresh, tasks=tasks, batch_size=2, limit=3, task_manager=task_manager, verbosity="WARNING"
+    )
+    assert by_strategy["fastv"]["score"] == sweep.main_metric(results["results"]["vtc_scene_qa_mc"])[1]
+    assert by_strategy["fastv"]["llm_gflops"] == pytest.approx(results["throughput"]["avg_vtc_flops"] / 1e9, rel=1e-9)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(evaluator, "simple_evaluate", fail)
+    again = sweep.run_sweep(
+        "vtc-tiny", tasks, ["fastv"], [0.5], tmp_path, include_path=str(TASKS), batch_size=2, limit=3
+    )
+    assert [r["score"] for r in again] == [r["score"] for r in rows]

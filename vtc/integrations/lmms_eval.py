@@ -31,8 +31,9 @@
 
 vtc's report is averaged over the requests of each lmms-eval call and lands in the results file under
 "throughput" as `avg_vtc_visual_in`, `avg_vtc_visual_pre_llm`, `avg_vtc_visual_kept` (visual tokens per sample at
-the last decoder layer), `avg_vtc_keep_ratio` and `avg_vtc_flops_ratio` (estimated LLM prefill FLOPs vs the
-unpatched model); `VTCModel.vtc_summary()` gives the same numbers from Python.
+the last decoder layer), `avg_vtc_keep_ratio`, `avg_vtc_flops_ratio` (estimated LLM prefill FLOPs vs the
+unpatched model), `avg_vtc_flops` and `avg_vtc_flops_unpatched` (the estimates per sample);
+`VTCModel.vtc_summary()` gives the same numbers from Python.
 
 Data parallel: `accelerate launch --num_processes N -m lmms_eval --model vtc ...` (or torchrun) loads one replica per
 process (on `cuda:<local rank>`, or the CPU when `device=cpu` or no GPU: a gloo group); lmms-eval gives each process
@@ -217,6 +218,7 @@ class VTCModel(lmms):
         elif strategy_options or keep is not None:
             raise ValueError(f"keep/strategy options {sorted(strategy_options) or ['keep']} given without a strategy")
         self._totals = _Totals()
+        self.reused = False
 
     # --- what lmms-eval reads -------------------------------------------------------------------------
     @property
@@ -226,6 +228,23 @@ class VTCModel(lmms):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    def clean(self) -> None:
+        """lmms-eval calls this after the requests to free the model (e.g. for an LLM judge); kept while
+        `set_strategy` reuses the model across runs (`vtc eval`)."""
+        if not self.reused:
+            super().clean()
+
+    def set_strategy(self, strategy: str | None, keep: float | int | None = None, **options):
+        """Unpatch the model and, unless `strategy` is None, patch it with `strategy` at `keep` (one loaded model,
+        many runs: `vtc eval`). The running numbers start again. Returns the new handle (None: unpatched)."""
+        if self.handle is not None:
+            self.handle.unpatch()
+        self.handle = vtc.patch(self.model, strategy, keep, **options) if strategy is not None else None
+        self.strategy = strategy
+        self._totals = _Totals()
+        self.reused = True
+        return self.handle
 
     def vtc_summary(self) -> dict:
         """Means over every sample run so far: visual tokens in, after the pre-LLM stage, at the last decoder
@@ -430,7 +449,7 @@ class VTCModel(lmms):
 class _Totals:
     """Running sums of vtc's per-sample report (samples with visual tokens only)."""
 
-    FIELDS = ("visual_in", "visual_pre_llm", "visual_kept", "flops_ratio")
+    FIELDS = ("visual_in", "visual_pre_llm", "visual_kept", "flops_ratio", "flops", "flops_unpatched")
 
     def __init__(self) -> None:
         self.seconds, self.requests, self.gen_tokens, self.samples = 0.0, 0, 0, 0
@@ -445,6 +464,8 @@ class _Totals:
             self.sums["visual_pre_llm"] += s.visual_after_pre_llm
             self.sums["visual_kept"] += s.visual_per_layer[-1] if s.visual_per_layer else 0
             self.sums["flops_ratio"] += s.flops_ratio
+            self.sums["flops"] += s.flops  # estimated LLM prefill FLOPs, and those of the unpatched model
+            self.sums["flops_unpatched"] += s.flops_unpatched
 
     def snapshot(self) -> dict:
         return {"seconds": self.seconds, "requests": self.requests, "gen_tokens": self.gen_tokens,
