@@ -1,4 +1,4 @@
-"""`vtc demo | bench | list`."""
+"""`vtc demo | bench | list | eval`."""
 
 from __future__ import annotations
 
@@ -124,6 +124,29 @@ def bench(args) -> int:
     return 0
 
 
+def eval_cmd(args) -> int:
+    from vtc.integrations.lmms_eval import parse_value
+    from vtc.integrations.sweep import run_sweep
+
+    model_args = dict(pair.split("=", 1) for pair in args.model_args.split(",") if pair) if args.model_args else {}
+    rows = run_sweep(
+        args.model,
+        args.tasks,
+        args.strategies,
+        args.keeps,
+        args.out,
+        baselines=tuple(args.baselines),
+        include_path=args.include_path,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        model_args={k: parse_value(v) for k, v in model_args.items()},
+    )
+    if rows:
+        print((Path(args.out) / "sweep.md").read_text())
+        print(f"table: {Path(args.out) / 'sweep.csv'}, plot: {Path(args.out) / 'sweep.png'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vtc", description="visual-token compression for HF VLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +164,18 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="efficiency benchmark (eval/bench.py; its flags follow, see --help there)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=bench)
+    p = sub.add_parser("eval", help="sweep on lmms-eval tasks: unpatched, baselines, strategies x keeps; table + plot")
+    p.add_argument("--model", default="vtc-tiny-vlm", help="hub id, local checkpoint or tiny id (vtc-tiny-vlm, ...)")
+    p.add_argument("--tasks", nargs="+", required=True, help="lmms-eval task names")
+    p.add_argument("--strategies", nargs="+", default=["fastv"], help="vtc strategies (besides the baselines)")
+    p.add_argument("--keeps", nargs="+", type=float, default=[0.5, 0.25], help="fractions of visual tokens kept")
+    p.add_argument("--baselines", nargs="*", default=["random", "downsample"], help="dashed in the plot")
+    p.add_argument("--include-path", default=None, help="a directory of task yamls (e.g. eval/lmms_tasks)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--limit", type=int, default=None, help="questions per task (lmms-eval --limit)")
+    p.add_argument("--model-args", default="", help="more VTCModel arguments, e.g. device_map=auto,dtype=bfloat16")
+    p.add_argument("--out", default="out/sweep", help="output directory (cells/ keeps finished runs: resumable)")
+    p.set_defaults(func=eval_cmd)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -32,6 +32,11 @@ class Sequence:
     valid: torch.Tensor  # (B, L) bool, False for padding
     vis_index: torch.Tensor  # (B, L) index into the flat list of visual tokens, -1 for text
 
+    def to(self, device: torch.device) -> Sequence:
+        if self.hidden.device == device:
+            return self
+        return Sequence(*(t.to(device) for t in (self.hidden, self.positions, self.valid, self.vis_index)))
+
     def compact(self, keep: torch.Tensor) -> Sequence:
         index, used = compact_index(keep)
         return Sequence(
@@ -111,6 +116,17 @@ class VisualLayout:
             out.append(total)
             total += c
         return out
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: on a model dispatched by accelerate (`device_map`), its hook's execution device
+    (weights offloaded to the CPU or disk are brought there for each call); else the device of its weights."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return next(module.parameters()).device
 
 
 def compact_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +276,10 @@ class PrunedDecoder:
                 segments.append(Segment(i, seq.valid, seq.positions, seq.vis_index))
                 position_embeddings = self.lm.rotary_emb(seq.hidden, seq.positions)
                 mask = attention_mask_4d(seq.valid, seq.hidden.shape[1], 0, implementation, seq.hidden.dtype)
+            # a model dispatched over several devices: the sequence follows the layer (no-ops on one device)
+            device = execution_device(layer)
+            seq, mask = seq.to(device), mask.to(device)
+            position_embeddings = tuple(t.to(device) for t in position_embeddings)
             if i + 1 in prune_layers:
                 llm_probe = self._llm_probe(layer, seq, position_embeddings, n_visual)
             if want_hidden:
@@ -472,12 +492,15 @@ class PrunedDecoder:
             valid = state.layer_valid[i]
             key = id(valid)
             if key not in masks:
-                extra = new_valid if valid.dim() == 2 else new_valid[:, None].expand(-1, valid.shape[1], -1)
+                extra = new_valid.to(valid.device)
+                extra = extra if valid.dim() == 2 else extra[:, None].expand(-1, valid.shape[1], -1)
                 grown[key] = torch.cat([valid, extra], dim=-1)
                 masks[key] = attention_mask_4d(
                     grown[key], q, valid.shape[-1], implementation, hidden.dtype, self.heads_per_kv
                 )
             if kv is not None:
+                device = execution_device(layer)
+                hidden, position_embeddings = hidden.to(device), tuple(t.to(device) for t in position_embeddings)
                 kv.observe_decode(i, layer, hidden, position_embeddings, state)
             hidden = layer(
                 hidden,
@@ -505,7 +528,7 @@ def _probe_rows(by_layer: dict, image_ids: torch.Tensor, token_ids: torch.Tensor
     """Vision probes (images, heads, N) restricted to some images and, per image, to its alive tokens."""
     out = {}
     for layer, value in by_layer.items():
-        rows = value[image_ids]
+        rows = value.to(image_ids.device)[image_ids]
         out[layer] = rows.gather(-1, token_ids[:, None].expand(-1, rows.shape[1], -1))
     return out
 

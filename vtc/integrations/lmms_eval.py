@@ -9,13 +9,17 @@
     pretrained          a HF hub id or local checkpoint of a model family vtc supports (`vtc.supported_models()`),
                         loaded with the class its config names (else AutoModelForImageTextToText); or an offline
                         tiny model: `vtc-tiny` (random weights, `vtc.testing.tiny_llava`), `vtc-tiny-vlm` (the
-                        tiny LLaVA trained on `vtc.data`, `vtc.testing.load_tiny_vlm`)
+                        tiny LLaVA trained on `vtc.data`, `vtc.testing.load_tiny_vlm`), `vtc-tiny-qwen2-vl`,
+                        `vtc-tiny-onevision`, `vtc-tiny-internvl` (random weights, `vtc.testing.load_tiny_model`)
     strategy            a name from `vtc.list_strategies()`; absent: the model runs unpatched (baseline);
                         `none`: patched without compression (reports the visual tokens, FLOPs ratio 1)
     keep                fraction (float in (0, 1]) or count (int) of each image's visual tokens kept
     kv, kv_budget       a decode-time KV-cache policy (`vtc.kv.list_policies()`) and its budget
     kv_options          the policy's options as JSON, e.g. kv_options='{"window":16}'
-    device              default cuda when available, else cpu; `device_map` (e.g. auto) is passed to from_pretrained
+    device              default cuda when available, else cpu
+    device_map          passed to from_pretrained (auto, balanced, sequential...): accelerate spreads the model over
+                        the GPUs, the CPU and the disk; with `max_memory` (`0:70GiB;cpu:100GiB`, semicolons) and
+                        `offload_folder` (for layers placed on the disk)
     dtype               auto (default), float32, float16 or bfloat16
     attn_implementation sdpa (default) or eager: vtc's decoder loop supports these two
     batch_size          requests per forward (left padding); lmms-eval's --batch_size sets it too
@@ -27,8 +31,15 @@
 
 vtc's report is averaged over the requests of each lmms-eval call and lands in the results file under
 "throughput" as `avg_vtc_visual_in`, `avg_vtc_visual_pre_llm`, `avg_vtc_visual_kept` (visual tokens per sample at
-the last decoder layer), `avg_vtc_keep_ratio` and `avg_vtc_flops_ratio` (estimated LLM prefill FLOPs vs the
-unpatched model); `VTCModel.vtc_summary()` gives the same numbers from Python.
+the last decoder layer), `avg_vtc_keep_ratio`, `avg_vtc_flops_ratio` (estimated LLM prefill FLOPs vs the
+unpatched model), `avg_vtc_flops` and `avg_vtc_flops_unpatched` (the estimates per sample);
+`VTCModel.vtc_summary()` gives the same numbers from Python.
+
+Data parallel: `accelerate launch --num_processes N -m lmms_eval --model vtc ...` (or torchrun) loads one replica per
+process (on `cuda:<local rank>`, or the CPU when `device=cpu` or no GPU: a gloo group); lmms-eval gives each process
+its share of the requests and gathers the results; the padding requests lmms-eval adds to the shorter shares are
+answered without running the model. vtc's throughput numbers are summed over the processes (elapsed time: the
+slowest process's).
 
 Without the entry point (vtc not pip-installed, only on PYTHONPATH): `python -m vtc.integrations.lmms_eval ...`
 takes the same arguments as `lmms-eval`.
@@ -41,6 +52,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from loguru import logger as eval_logger
@@ -48,8 +60,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import vtc
+from vtc.adapters.decoder import execution_device
+from vtc.testing import TINY_MODEL_IDS as TINY_MODELS
 
-TINY_MODELS = ("vtc-tiny", "vtc-tiny-vlm")
 _MAX_ROUNDS = 32  # generate_until_multi_round stops here even when the task never signals the end
 
 
@@ -80,17 +93,27 @@ def parse_value(value):
     return text
 
 
+def parse_max_memory(text: str | dict) -> dict:
+    """`0:70GiB;1:70GiB;cpu:200GiB` (semicolons: --model_args splits on commas) -> from_pretrained's max_memory."""
+    if isinstance(text, dict):
+        return text
+    pairs = [part.split(":", 1) for part in str(text).split(";") if part.strip()]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"max_memory={text!r}: write device:size pairs separated by ';', e.g. 0:70GiB;cpu:200GiB")
+    return {int(k) if k.strip().isdigit() else k.strip(): v.strip() for k, v in pairs}
+
+
 def load_model(pretrained: str, *, device: str, dtype="auto", attn_implementation="sdpa", device_map=None, **kw):
     """(model, processor) for a hub id, a local checkpoint or one of TINY_MODELS; model in eval mode on `device`."""
-    if pretrained == "vtc-tiny":
-        from vtc.testing import tiny_llava, tiny_llava_processor
+    if pretrained in TINY_MODELS:
+        if device_map is not None:
+            raise ValueError(
+                f"device_map needs a checkpoint: save {pretrained} with save_pretrained (model and processor, see "
+                "vtc.testing.load_tiny_model) and pass its directory as pretrained"
+            )
+        from vtc.testing import load_tiny_model
 
-        model, processor = tiny_llava(attn_implementation=attn_implementation), tiny_llava_processor()
-    elif pretrained == "vtc-tiny-vlm":
-        from vtc.testing import load_tiny_vlm
-
-        model, processor = load_tiny_vlm()
-        model.set_attn_implementation(attn_implementation)
+        model, processor = load_tiny_model(pretrained, attn_implementation)
     else:
         import transformers
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -101,8 +124,12 @@ def load_model(pretrained: str, *, device: str, dtype="auto", attn_implementatio
         cls = getattr(transformers, names[0]) if names else AutoModelForImageTextToText
         torch_dtype = dtype if dtype in (None, "auto") else getattr(torch, str(dtype))
         load = dict(common, dtype=torch_dtype, attn_implementation=attn_implementation)
-        if device_map is not None:
+        if device_map is not None:  # accelerate dispatches the model; vtc's tensors follow its layers
             load["device_map"] = device_map
+            if kw.get("max_memory"):
+                load["max_memory"] = parse_max_memory(kw["max_memory"])
+            if kw.get("offload_folder"):
+                load["offload_folder"] = kw["offload_folder"]
         model = cls.from_pretrained(pretrained, **load)
         processor = AutoProcessor.from_pretrained(pretrained, **common)
     if device_map is None:
@@ -128,6 +155,8 @@ class VTCModel(lmms):
         kv_options: dict | str | None = None,
         device: str | None = None,
         device_map: str | None = None,
+        max_memory: str | None = None,
+        offload_folder: str | None = None,
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
         batch_size: int | str = 1,
@@ -144,6 +173,11 @@ class VTCModel(lmms):
         keep, kv_budget, kv_options = parse_value(keep), parse_value(kv_budget), parse_value(kv_options)
         if device in (None, "", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        # data parallel (accelerate launch / torchrun): one replica per process, lmms-eval splits the requests
+        self.accelerator = Accelerator(cpu=torch.device(device).type == "cpu")
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if self._world_size > 1 and device_map is None and torch.device(device).type == "cuda":
+            device = f"cuda:{self.accelerator.local_process_index}"
         batch_size = parse_value(batch_size)
         if not isinstance(batch_size, int):
             eval_logger.warning(f"vtc: batch_size={batch_size!r} is not an int; using 1")
@@ -158,10 +192,12 @@ class VTCModel(lmms):
             dtype=parse_value(dtype),
             attn_implementation=attn_implementation,
             device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
             revision=revision,
             trust_remote_code=bool(parse_value(trust_remote_code)),
         )
-        self._device = next(self.model.parameters()).device  # with device_map: where the inputs go
+        self._device = execution_device(self.model.get_input_embeddings())  # with device_map: where inputs go
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -184,6 +220,7 @@ class VTCModel(lmms):
         elif strategy_options or keep is not None:
             raise ValueError(f"keep/strategy options {sorted(strategy_options) or ['keep']} given without a strategy")
         self._totals = _Totals()
+        self.reused = False
 
     # --- what lmms-eval reads -------------------------------------------------------------------------
     @property
@@ -193,6 +230,23 @@ class VTCModel(lmms):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    def clean(self) -> None:
+        """lmms-eval calls this after the requests to free the model (e.g. for an LLM judge); kept while
+        `set_strategy` reuses the model across runs (`vtc eval`)."""
+        if not self.reused:
+            super().clean()
+
+    def set_strategy(self, strategy: str | None, keep: float | int | None = None, **options):
+        """Unpatch the model and, unless `strategy` is None, patch it with `strategy` at `keep` (one loaded model,
+        many runs: `vtc eval`). The running numbers start again. Returns the new handle (None: unpatched)."""
+        if self.handle is not None:
+            self.handle.unpatch()
+        self.handle = vtc.patch(self.model, strategy, keep, **options) if strategy is not None else None
+        self.strategy = strategy
+        self._totals = _Totals()
+        self.reused = True
+        return self.handle
 
     def vtc_summary(self) -> dict:
         """Means over every sample run so far: visual tokens in, after the pre-LLM stage, at the last decoder
@@ -246,6 +300,8 @@ class VTCModel(lmms):
     # --- lmms-eval API --------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy or sampled generation, batched by identical generation kwargs, longest prompts first."""
+        if _has_padding(requests):
+            return _skip_padding(requests, self.generate_until, "")
         start = self._totals.snapshot()
         prepared = []
         for index, request in enumerate(requests):
@@ -309,6 +365,8 @@ class VTCModel(lmms):
         Each pair is wrapped in a `GenerationResult`: lmms-eval 0.7.3's evaluator passes every response through
         `unwrap_generation_output`, which turns a bare (float, bool) tuple into its string; the wrapper's `text`
         is handed on as is."""
+        if _has_padding(requests):
+            return _skip_padding(requests, self.loglikelihood, GenerationResult(text=(0.0, False)))
         start = self._totals.snapshot()
         prepared = []
         for request in requests:
@@ -342,6 +400,8 @@ class VTCModel(lmms):
     def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
         """One request at a time: round 0 answers the context; the task's doc_to_text(doc, previous_output=...,
         round_idx=..., previous_round_info=...) gives (visuals, text, done, round outputs, info) for the next."""
+        if _has_padding(requests):
+            return _skip_padding(requests, self.generate_until_multi_round, [])
         start = self._totals.snapshot()
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="vtc multi-round"):
@@ -365,11 +425,18 @@ class VTCModel(lmms):
         return results
 
     def _log(self, start: dict) -> None:
-        """Throughput and vtc's numbers for the requests of this call, into lmms-eval's results ("throughput")."""
+        """Throughput and vtc's numbers for the requests of this call, into lmms-eval's results ("throughput").
+        Under data parallelism every process calls this once per request type; the numbers are summed over the
+        processes (time: the slowest process, so avg_speed is the run's throughput) and logged on each."""
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-        delta = self._totals.since(start)
-        extra = {k: v for k, v in delta.items() if k.startswith("vtc_") and k != "vtc_samples"}
+        delta = self._totals.delta(start)
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            every = [None] * self.world_size
+            torch.distributed.all_gather_object(every, delta)
+            eval_logger.info(f"vtc: process {self.rank} of {self.world_size} ran {delta['requests']} requests")
+            delta = {k: (max if k == "seconds" else sum)(d[k] for d in every) for k in delta}
+        extra = {k: v for k, v in _means(delta).items() if k != "vtc_samples"}
         seconds, tokens = delta["seconds"], delta["gen_tokens"]
         log_metrics(
             total_elapsed_time=seconds,
@@ -384,7 +451,7 @@ class VTCModel(lmms):
 class _Totals:
     """Running sums of vtc's per-sample report (samples with visual tokens only)."""
 
-    FIELDS = ("visual_in", "visual_pre_llm", "visual_kept", "flops_ratio")
+    FIELDS = ("visual_in", "visual_pre_llm", "visual_kept", "flops_ratio", "flops", "flops_unpatched")
 
     def __init__(self) -> None:
         self.seconds, self.requests, self.gen_tokens, self.samples = 0.0, 0, 0, 0
@@ -399,15 +466,16 @@ class _Totals:
             self.sums["visual_pre_llm"] += s.visual_after_pre_llm
             self.sums["visual_kept"] += s.visual_per_layer[-1] if s.visual_per_layer else 0
             self.sums["flops_ratio"] += s.flops_ratio
+            self.sums["flops"] += s.flops  # estimated LLM prefill FLOPs, and those of the unpatched model
+            self.sums["flops_unpatched"] += s.flops_unpatched
 
     def snapshot(self) -> dict:
         return {"seconds": self.seconds, "requests": self.requests, "gen_tokens": self.gen_tokens,
                 "samples": self.samples, **self.sums}  # fmt: skip
 
-    def since(self, start: dict) -> dict:
+    def delta(self, start: dict) -> dict:
         now = self.snapshot()
-        delta = {k: now[k] - start[k] for k in now}
-        return {**delta, **_means(delta)}
+        return {k: now[k] - start[k] for k in now}
 
     def summary(self) -> dict:
         return _means(self.snapshot())
@@ -421,6 +489,23 @@ def _means(sums: dict) -> dict:
     out["vtc_keep_ratio"] = sums["visual_kept"] / sums["visual_in"] if sums["visual_in"] else 1.0
     out["vtc_samples"] = n
     return out
+
+
+def _is_padding(request: Instance) -> bool:
+    """lmms-eval pads the shorter processes' request lists with copies marked `__padding_only__` (so that every
+    process runs as many batches); their answers are dropped. vtc's replicas share no collective in forward, so
+    it does not run them: they would count twice in the throughput numbers."""
+    return bool((request.metadata or {}).get("__padding_only__"))
+
+
+def _has_padding(requests: list[Instance]) -> bool:
+    return any(_is_padding(r) for r in requests)
+
+
+def _skip_padding(requests: list[Instance], run, filler) -> list:
+    """`run` on the real requests; `filler` answers each padding request."""
+    answers = iter(run([r for r in requests if not _is_padding(r)]))
+    return [filler if _is_padding(r) else next(answers) for r in requests]
 
 
 def _flatten(items):
