@@ -127,9 +127,9 @@ def test_notebook_executes(path, venv_kernel, tmp_path):
     executed = tmp_path / path.name
     command = [sys.executable, "-c", _EXECUTE, str(path), str(executed), str(path.parent)]
     try:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"{path.name}: no result after 300 s (a stalled kernel?)\n{err.stderr or ''}") from None
+        raise AssertionError(f"{path.name}: no result after 600 s (a stalled kernel?)\n{err.stderr or ''}") from None
     assert result.returncode == 0, result.stderr[-4000:]  # CellExecutionError names the cell
     nb = nbformat.read(executed, as_version=4)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
