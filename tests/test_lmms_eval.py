@@ -201,3 +201,42 @@ def test_trained_tiny_vlm_answers_with_words():
     answers = lm.generate_until(requests)
     assert len(answers) == 4 and all(a.strip() for a in answers)
     assert lm.vtc_summary()["vtc_keep_ratio"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("name", "model_class", "processor_class"),
+    [
+        ("vtc-tiny-qwen2-vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+        ("vtc-tiny-onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor"),
+        ("vtc-tiny-internvl", "InternVLForConditionalGeneration", "InternVLProcessor"),
+    ],
+)
+def test_tiny_model_ids(name, model_class, processor_class):
+    """Each local tiny id loads the family's model and real processor class; the plug-in's prompt and images reach
+    the model (the unpatched loglikelihood is the model's own continuation loss) and a strategy patches it."""
+    import transformers
+
+    utils = _task_utils()
+    doc = _docs()[1]
+    lm = VTCModel(pretrained=name, device="cpu")
+    lm.task_dict = {"t": {"test": _docs()}}
+    assert type(lm.model).__name__ == model_class
+    assert isinstance(lm.processor, getattr(transformers, processor_class))
+    context, continuation = utils.doc_to_text(doc), " square"
+    (result,) = lm.loglikelihood(
+        [_request("loglikelihood", (context, continuation, utils.doc_to_visual, 1, "t", "test"), 1)]
+    )
+    prompt = lm._prompt(context, 1)
+    n = len(lm.tokenizer(prompt + continuation)["input_ids"]) - len(lm.tokenizer(prompt)["input_ids"])
+    inputs = lm._inputs([prompt + continuation], [utils.doc_to_visual(doc)])
+    assert int((inputs["input_ids"] == lm.model.config.image_token_id).sum()) > 0
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -n:] = inputs["input_ids"][:, -n:]
+    with torch.no_grad():
+        loss = lm.model(**inputs, labels=labels).loss
+    assert abs(result.text[0] - float(loss)) < 1e-4
+
+    patched = VTCModel(pretrained=name, device="cpu", strategy="fastv", keep=0.25)
+    patched.task_dict = lm.task_dict
+    patched.loglikelihood([_request("loglikelihood", (context, continuation, utils.doc_to_visual, 1, "t", "test"), 1)])
+    assert patched.vtc_summary()["vtc_keep_ratio"] == pytest.approx(0.25, abs=0.04)

@@ -264,3 +264,21 @@ def test_int_keep_is_an_upper_bound_per_image_on_dynamic_resolution():
         model(**inputs)
         report = handle.report()
     assert [(s.visual_in, s.visual_after_pre_llm) for s in report.samples] == [(4, 4), (16, 9)]
+
+
+def test_real_processor_matches_the_tiny_one(qprocessor):
+    """`tiny_qwen2_vl_processor` (transformers' Qwen2VLProcessor) gives the inputs of `TinyQwenVLProcessor`."""
+    from transformers import Qwen2VLProcessor
+
+    from vtc.testing.qwen2_vl import tiny_qwen2_vl_processor
+
+    real = tiny_qwen2_vl_processor()
+    assert isinstance(real, Qwen2VLProcessor)
+    images = [make_image(0), make_image(1, size=64)]
+    questions = ["what colour is the circle?", "where?"]
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in questions]
+    texts = [real.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    got = real(text=texts, images=images, return_tensors="pt", padding=True)
+    want = qwen_inputs(qprocessor, questions, [[images[0]], [images[1]]])
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        assert torch.equal(got[key], want[key]), key

@@ -9,7 +9,8 @@
     pretrained          a HF hub id or local checkpoint of a model family vtc supports (`vtc.supported_models()`),
                         loaded with the class its config names (else AutoModelForImageTextToText); or an offline
                         tiny model: `vtc-tiny` (random weights, `vtc.testing.tiny_llava`), `vtc-tiny-vlm` (the
-                        tiny LLaVA trained on `vtc.data`, `vtc.testing.load_tiny_vlm`)
+                        tiny LLaVA trained on `vtc.data`, `vtc.testing.load_tiny_vlm`), `vtc-tiny-qwen2-vl`,
+                        `vtc-tiny-onevision`, `vtc-tiny-internvl` (random weights, `vtc.testing.load_tiny_model`)
     strategy            a name from `vtc.list_strategies()`; absent: the model runs unpatched (baseline);
                         `none`: patched without compression (reports the visual tokens, FLOPs ratio 1)
     keep                fraction (float in (0, 1]) or count (int) of each image's visual tokens kept
@@ -48,8 +49,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import vtc
+from vtc.testing import TINY_MODEL_IDS as TINY_MODELS
 
-TINY_MODELS = ("vtc-tiny", "vtc-tiny-vlm")
 _MAX_ROUNDS = 32  # generate_until_multi_round stops here even when the task never signals the end
 
 
@@ -82,15 +83,10 @@ def parse_value(value):
 
 def load_model(pretrained: str, *, device: str, dtype="auto", attn_implementation="sdpa", device_map=None, **kw):
     """(model, processor) for a hub id, a local checkpoint or one of TINY_MODELS; model in eval mode on `device`."""
-    if pretrained == "vtc-tiny":
-        from vtc.testing import tiny_llava, tiny_llava_processor
+    if pretrained in TINY_MODELS:
+        from vtc.testing import load_tiny_model
 
-        model, processor = tiny_llava(attn_implementation=attn_implementation), tiny_llava_processor()
-    elif pretrained == "vtc-tiny-vlm":
-        from vtc.testing import load_tiny_vlm
-
-        model, processor = load_tiny_vlm()
-        model.set_attn_implementation(attn_implementation)
+        model, processor = load_tiny_model(pretrained, attn_implementation)
     else:
         import transformers
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor

@@ -37,4 +37,41 @@ __all__ = [
     "tiny_llava_processor",
     "tiny_tokenizer",
     "tiny_vlm_dir",
+    "TINY_MODEL_IDS",
+    "load_tiny_model",
 ]
+
+TINY_MODEL_IDS = ("vtc-tiny", "vtc-tiny-vlm", "vtc-tiny-qwen2-vl", "vtc-tiny-onevision", "vtc-tiny-internvl")
+
+
+def load_tiny_model(name: str, attn_implementation: str = "sdpa") -> tuple:
+    """(model, processor) for a local tiny model id, built offline (fp32, eval mode):
+
+    - `vtc-tiny`: random-weight LLaVA-1.5 (`tiny_llava`) and its `LlavaProcessor`
+    - `vtc-tiny-vlm`: the tiny LLaVA trained on `vtc.data` (`load_tiny_vlm`)
+    - `vtc-tiny-qwen2-vl`: random-weight Qwen2-VL (`qwen2_vl.tiny_qwen_vl`) and a `Qwen2VLProcessor`
+    - `vtc-tiny-onevision`: random-weight LLaVA-OneVision (`llava_next.tiny_llava_onevision`) and a
+      `LlavaOnevisionProcessor`
+    - `vtc-tiny-internvl`: random-weight InternVL (`internvl.tiny_internvl`) and an `InternVLProcessor`
+
+    The processors are the families' real classes for images (without their video processors, which need
+    torchvision)."""
+    if name == "vtc-tiny":
+        return tiny_llava(attn_implementation=attn_implementation), tiny_llava_processor()
+    if name == "vtc-tiny-vlm":
+        model, processor = load_tiny_vlm()
+        model.set_attn_implementation(attn_implementation)
+        return model, processor
+    if name == "vtc-tiny-qwen2-vl":
+        from .qwen2_vl import tiny_qwen2_vl_processor, tiny_qwen_vl
+
+        return tiny_qwen_vl("qwen2_vl", attn_implementation=attn_implementation), tiny_qwen2_vl_processor()
+    if name == "vtc-tiny-onevision":
+        from .llava_next import tiny_llava_onevision, tiny_llava_onevision_processor
+
+        return tiny_llava_onevision(attn_implementation=attn_implementation), tiny_llava_onevision_processor()
+    if name == "vtc-tiny-internvl":
+        from .internvl import tiny_internvl, tiny_internvl_processor
+
+        return tiny_internvl(attn_implementation=attn_implementation), tiny_internvl_processor()
+    raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODEL_IDS)}")

@@ -226,6 +226,45 @@ def tiny_qwen_processor(**kwargs) -> TinyQwenVLProcessor:
     return TinyQwenVLProcessor(**kwargs)
 
 
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen2_vl_processor(min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 16):
+    """An offline `Qwen2VLProcessor` (the real class) for images, matching `tiny_qwen_vl`, with Qwen's chat format.
+    It has no video processor (that needs torchvision, DESIGN.md section 7); videos go through `TinyQwenVLProcessor`.
+    Its images give the same input_ids and pixel_values as `TinyQwenVLProcessor`."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        """Without the video processor (it needs torchvision)."""
+
+        video_processor = None
+
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        patch_size=PATCH,
+        merge_size=MERGE,
+        temporal_patch_size=TEMPORAL,
+    )
+    return ImageOnlyQwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tiny_qwen_tokenizer(), chat_template=QWEN_CHAT_TEMPLATE
+    )
+
+
 def make_video(seed: int = 0, frames: int = 4, size: tuple[int, int] = (56, 84)) -> list[Image.Image]:
     """A short clip: a synthetic picture whose shapes drift a few pixels per frame (PIL frames, (h, w))."""
     base = np.asarray(make_image(seed, size=max(size) + 4 * frames))
