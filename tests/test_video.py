@@ -37,6 +37,9 @@ def test_num_frames_and_fps_sampling(backend):
     assert diff.mean() < 1.0, diff.mean()
     by_fps = load_video(CLIP, fps=2.0, backend=backend)  # 2 s of video at 2 frames/s
     assert by_fps.indices == [0, 4, 8, 12]
+    assert load_video(CLIP, max_frames=4, backend=backend).indices == clip.indices
+    assert load_video(CLIP, fps=4.0, max_frames=4, backend=backend).indices == clip.indices  # 8 frames capped
+    assert load_video(CLIP, max_frames=40, backend=backend).indices == list(range(16))
     every = load_video(CLIP, backend=backend)
     assert len(every) == 16 and every.indices == list(range(16))
     meta = clip.metadata
@@ -134,3 +137,54 @@ def test_hf_processors_take_videos_through_their_chat_template():
         ip.image_std
     )[:, None, None]
     torch.testing.assert_close(out["pixel_values_videos"][0, 0], expected)
+
+
+def _image_only(cls):
+    """`cls` (a HF Qwen-VL processor class) built without its video processor (that needs torchvision)."""
+
+    class ImageOnly(cls):
+        video_processor = None
+
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    return ImageOnly
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_frame_timestamps_reach_the_qwen_prompts(family):
+    """The decoded clip's frame indices and fps reach the processors: Qwen2.5-VL's seconds per temporal patch
+    (temporal_patch_size / sampled fps) and Qwen3-VL's "<t seconds>" before each temporal patch (mean of its pair)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vtc.testing.qwen2_vl import QWEN_CHAT_TEMPLATE, tiny_qwen_tokenizer
+
+    cls, patch = (Qwen2_5_VLProcessor, 14) if family == "qwen2_5_vl" else (Qwen3VLProcessor, 16)
+    side = 2 * patch
+    ip = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": side**2, "longest_edge": 4 * side**2},
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    processor = ensure_video_processor(
+        _image_only(cls)(image_processor=ip, tokenizer=tiny_qwen_tokenizer(), chat_template=QWEN_CHAT_TEMPLATE)
+    )
+    clip = load_video(CLIP, num_frames=4)  # frames 0, 4, 8, 12 of an 8 fps clip: 0, 0.5, 1, 1.5 s
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what ?"}]}],
+        add_generation_prompt=True,
+    )
+    out = processor(
+        text=[text], videos=[clip.frames], video_metadata=[clip.metadata], do_sample_frames=False, return_tensors="pt"
+    )
+    assert out["video_grid_thw"][0, 0] == 2
+    if family == "qwen2_5_vl":
+        assert out["second_per_grid_ts"].tolist() == [2 / (4 / 16 * 8)]
+    else:
+        prompt = processor.tokenizer.decode(out["input_ids"][0]).replace(" ", "")
+        pairs = [f"<{(a + b) / 2:.1f}seconds>" for a, b in zip(clip.timestamps[::2], clip.timestamps[1::2])]
+        where = [prompt.find(p) for p in pairs]
+        assert -1 not in where and where == sorted(where), (pairs, prompt)

@@ -78,12 +78,20 @@ def available_backend() -> str | None:
     return "decord" if is_decord_available() else "pyav" if is_av_available() else None
 
 
-def load_video(path: str | Path, num_frames: int | None = None, fps: float | None = None, backend: str | None = None):
+def load_video(
+    path: str | Path,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    backend: str | None = None,
+    max_frames: int | None = None,
+) -> Video:
     """Decode `path` with `transformers.video_utils.load_video`: `num_frames` frames spread evenly over the clip,
-    or `fps` frames per second of video, or every frame when neither is given. Returns a `Video`.
+    or `fps` frames per second of video, or every frame when neither is given; `max_frames` caps the count (a
+    shorter clip gives all its frames, where `num_frames` above the clip's length is an error). Returns a `Video`.
 
     `backend`: "decord" or "pyav" (default: decord where installed, else PyAV). A missing or unreadable file, a
     file without a video stream and a request for no frames raise errors that name the path."""
+    from transformers.video_utils import default_sample_indices_fn
     from transformers.video_utils import load_video as hf_load_video
 
     path = str(path)
@@ -93,6 +101,8 @@ def load_video(path: str | Path, num_frames: int | None = None, fps: float | Non
         raise ValueError(f"{path}: num_frames must be an int >= 1 (got {num_frames!r}); None decodes every frame")
     if fps is not None and not fps > 0:
         raise ValueError(f"{path}: fps must be > 0 (got {fps!r}); None decodes every frame")
+    if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
+        raise ValueError(f"{path}: max_frames must be an int >= 1 (got {max_frames!r})")
     if not Path(path).is_file():
         raise FileNotFoundError(f"no video file at {path}")
     backend = backend or available_backend()
@@ -101,8 +111,14 @@ def load_video(path: str | Path, num_frames: int | None = None, fps: float | Non
     if backend not in BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; known: {', '.join(BACKENDS)}")
     _check_video_stream(path)
+    def sample(metadata, **_):
+        indices = default_sample_indices_fn(metadata, num_frames=num_frames, fps=fps)
+        if max_frames is not None and len(indices) > max_frames:
+            indices = default_sample_indices_fn(metadata, num_frames=max_frames)
+        return indices
+
     try:
-        frames, meta = hf_load_video(path, num_frames=num_frames, fps=fps, backend=backend)
+        frames, meta = hf_load_video(path, backend=backend, sample_indices_fn=sample)
     except Exception as error:
         raise ValueError(f"cannot decode the video {path} with {backend}: {error}") from error
     frames = np.asarray(frames)
