@@ -160,12 +160,6 @@ def _unit_layout(adapter, n_units: int):
     return VisualLayout([rows * cols] * n_units, [(rows, cols)] * n_units, [0] * n_units)
 
 
-def _kept_per_unit(layout, kept) -> list[list[int]]:
-    """Sample 0's kept flat visual-token indices -> per unit (frame / temporal patch), indices into its grid."""
-    kept = set(kept.tolist())
-    return [[i for i, t in enumerate(layout.unit_tokens(u).tolist()) if t in kept] for u in range(len(layout.counts))]
-
-
 def demo_video(args) -> int:
     """`vtc demo --video PATH`: per-frame kept tokens and budgets of each strategy, and a frame strip per strategy."""
     import torch
@@ -173,7 +167,7 @@ def demo_video(args) -> int:
     import vtc
     from vtc.budget import tokens_to_keep
     from vtc.video import load_video
-    from vtc.viz import frame_strip, grid_of_panels, save
+    from vtc.viz import frame_strip, grid_of_panels, kept_per_unit, save
 
     torch.manual_seed(0)
     keep = 0.5 if args.keep is None else args.keep
@@ -199,7 +193,7 @@ def demo_video(args) -> int:
                 model(**inputs)
             sample = handle.report().samples[0]
             layout = _unit_layout(handle.adapter, len(sample.images))
-            per_unit = _kept_per_unit(layout, handle.last_kept()[0])
+            per_unit = kept_per_unit(layout, handle.last_kept()[0])
             plan = getattr(handle.strategy, "last_plan", None)
             if plan:  # quota: its per-frame budgets n_i
                 budgets = [p["budget"] for p in sorted(plan, key=lambda p: p["unit"])]
