@@ -272,6 +272,9 @@ def test_video_visuals_path_frames_and_array_give_the_same_inputs():
             assert all(torch.equal(inputs[k], reference[k]) for k in reference)
     with pytest.raises(NotImplementedError, match="videos"):
         lm._split_visuals([42])
+    image_model = _model()
+    with pytest.raises(ValueError, match="takes no video"):
+        image_model._inputs([image_model._prompt("what ?", 0, 1)], [[]], [[clip]])
 
 
 @pytest.mark.parametrize("name", ["vtc-tiny-qwen2-vl", "vtc-tiny-onevision"])

@@ -263,6 +263,11 @@ class VTCModel(lmms):
         clips = [clip for per_sample in videos or [] for clip in per_sample]
         kwargs = {"images": flat} if flat else {}
         if clips:
+            if getattr(self.processor, "video_token", None) is None:
+                raise ValueError(
+                    f"{type(self.model).__name__} takes no video (its processor has no video token): evaluate video "
+                    "tasks on a video model (LLaVA-OneVision, Qwen2-VL / 2.5-VL, Qwen3-VL, InternVL)"
+                )
             ensure_video_processor(self.processor)
             # frames are sampled already (do_sample_frames=False); the metadata carries fps and frame indices
             kwargs.update(
