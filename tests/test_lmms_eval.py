@@ -13,6 +13,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -217,3 +218,117 @@ def test_trained_tiny_vlm_answers_with_words():
     answers = lm.generate_until(requests)
     assert len(answers) == 4 and all(a.strip() for a in answers)
     assert lm.vtc_summary()["vtc_keep_ratio"] == pytest.approx(0.5, abs=0.01)
+
+
+VIDEO_TASK_DIR = TASKS / "vtc_video_qa"
+
+
+def _video_docs() -> list[dict]:
+    return [json.loads(line) for line in (VIDEO_TASK_DIR / "video_qa.jsonl").read_text().splitlines() if line]
+
+
+def test_video_visuals_path_frames_and_array_give_the_same_inputs():
+    """doc_to_visual may return a video path, a nested list of PIL frames or a (T, H, W, 3) array: the frames the
+    processor receives are the decoded ones (vtc.video.load_video), and so are the model inputs."""
+    from vtc.video import load_video
+
+    lm = VTCModel(pretrained="vtc-tiny-qwen2-vl", device="cpu", max_frames=4)
+    path = str(VIDEO_TASK_DIR / _video_docs()[0]["video"])
+    clip = load_video(path, max_frames=4)
+    assert clip.indices == [0, 2, 4, 6]
+    prompt = lm._prompt("what colour is the moving object ?", 0, 1)
+    reference = None
+    for visuals in ([path], [clip.images()], [clip.frames]):
+        images, videos = lm._split_visuals(visuals)
+        assert images == [] and len(videos) == 1 and np.array_equal(videos[0].frames, clip.frames)
+        inputs = lm._inputs([prompt], [images], [videos])
+        if reference is None:
+            reference = inputs
+            assert int((inputs["input_ids"] == lm.model.config.video_token_id).sum()) == 2 * 4 * 4
+        else:
+            assert all(torch.equal(inputs[k], reference[k]) for k in reference)
+    with pytest.raises(NotImplementedError, match="videos"):
+        lm._split_visuals([42])
+    image_model = _model()
+    with pytest.raises(ValueError, match="takes no video"):
+        image_model._inputs([image_model._prompt("what ?", 0, 1)], [[]], [[clip]])
+
+
+@pytest.mark.parametrize("name", ["vtc-tiny-qwen2-vl", "vtc-tiny-onevision"])
+def test_video_generation_equals_the_model_on_the_processor_inputs(name):
+    """An unpatched video request generates what the model generates on the processor's own video inputs, and a
+    batch of video and image requests answers each as alone; QuoTA keeps at most half the video tokens."""
+    from vtc.video import ensure_video_processor, load_video
+
+    utils = _task_utils()
+    docs = _video_docs()
+    lm = VTCModel(pretrained=name, device="cpu", batch_size=4, max_frames=4)
+    lm.task_dict = {"t": {"test": docs}, "img": {"test": _docs()}}
+    video_utils_spec = importlib.util.spec_from_file_location("vtc_video_qa_utils", VIDEO_TASK_DIR / "utils.py")
+    video_utils = importlib.util.module_from_spec(video_utils_spec)
+    video_utils_spec.loader.exec_module(video_utils)
+    gen = {"max_new_tokens": 3}
+    requests = [
+        _request("generate_until", (d["question"], dict(gen), video_utils.doc_to_visual, i, "t", "test"), i)
+        for i, d in enumerate(docs[:3])
+    ] + [_request("generate_until", (_docs()[0]["question"], dict(gen), utils.doc_to_visual, 0, "img", "test"), 0)]
+    answers = lm.generate_until(requests)
+
+    processor = ensure_video_processor(lm.processor)
+    for i, d in enumerate(docs[:3]):
+        clip = load_video(VIDEO_TASK_DIR / d["video"], max_frames=4)
+        content = [{"type": "video"}, {"type": "text", "text": d["question"]}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(text=[text], videos=[clip.frames], return_tensors="pt")
+        inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        with torch.inference_mode():
+            out = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        expected = lm.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        assert answers[i] == expected
+    (alone,) = lm.generate_until(requests[3:])
+    assert answers[3] == alone
+
+    patched = VTCModel(pretrained=name, device="cpu", strategy="quota", keep=0.5, max_frames=4)
+    patched.task_dict = lm.task_dict
+    patched.generate_until(requests[:2])
+    summary = patched.vtc_summary()
+    assert summary["vtc_samples"] == 2 and 0 < summary["vtc_visual_kept"] <= summary["vtc_visual_in"] / 2
+
+
+@pytest.mark.parametrize(
+    "model_args", ["pretrained=vtc-tiny-qwen2-vl,strategy=quota,keep=0.5", "pretrained=vtc-tiny-onevision"]
+)
+def test_lmms_eval_cli_video_task(tmp_path, model_args):
+    """`lmms-eval --model vtc` on the local video task and the image task in one run, offline."""
+    out = tmp_path / "out"
+    script = Path(sys.executable).with_name("lmms-eval")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lmms_eval"]
+    command += [
+        "--model", "vtc",
+        "--model_args", model_args,
+        "--tasks", "vtc_video_qa,vtc_scene_qa",
+        "--include_path", str(TASKS),
+        "--batch_size", "4",
+        "--limit", "4",
+        "--output_path", str(out),
+        "--verbosity", "WARNING",
+    ]  # fmt: skip
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_path / "datasets"),
+        LMMS_EVAL_DATASETS_CACHE=str(tmp_path / "datasets"),
+    )
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = (run.stdout + run.stderr)[-4000:]
+    assert run.returncode == 0, log
+    (results_file,) = glob.glob(str(out / "*" / "*_results.json"))
+    results = json.loads(Path(results_file).read_text())
+    assert 0.0 <= results["results"]["vtc_video_qa"]["accuracy,none"] <= 1.0
+    assert results["n-samples"]["vtc_video_qa"]["effective"] == 4
+    assert results["n-samples"]["vtc_scene_qa"]["effective"] == 4
+    if "strategy=quota" in model_args:
+        numbers = results["throughput"]
+        assert 0 < numbers["avg_vtc_keep_ratio"] <= 0.5 and 0 < numbers["avg_vtc_flops_ratio"] < 1

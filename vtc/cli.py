@@ -11,6 +11,8 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_STRATEGIES = ("vtc_cls", "fopru", "fastv")
 DEFAULT_QUESTION = "What colour is the circle?"
+DEFAULT_VIDEO_STRATEGIES = ("quota", "downsample", "fastv")
+DEFAULT_VIDEO_QUESTION = "What moves in the video?"
 
 
 def _load_default_model(random_model: bool):
@@ -47,6 +49,10 @@ def _answer(model, processor, inputs) -> str:
 
 
 def demo(args) -> int:
+    if args.video:
+        return demo_video(args)
+    args.keep = 0.25 if args.keep is None else args.keep
+    args.strategy = args.strategy or list(DEFAULT_STRATEGIES)
     import torch
     from PIL import Image
 
@@ -104,6 +110,123 @@ def demo(args) -> int:
     return 0
 
 
+def _load_model(name: str | None, random_model: bool = False):
+    """(model, processor, description): the embedded default (None), a local tiny id (`vtc.testing.TINY_MODEL_IDS`)
+    or a HF checkpoint (hub id or folder), loaded with the class its config names."""
+    if name is None:
+        return _load_default_model(random_model)
+    from . import testing
+
+    if name in testing.TINY_MODEL_IDS:
+        model, processor = testing.load_tiny_model(name)
+        return model, processor, f"{name} (vtc.testing.load_tiny_model)"
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    names = [
+        a for a in (getattr(AutoConfig.from_pretrained(name), "architectures", None) or []) if hasattr(transformers, a)
+    ]
+    cls = getattr(transformers, names[0]) if names else AutoModelForImageTextToText
+    return cls.from_pretrained(name).eval(), AutoProcessor.from_pretrained(name), f"{name} ({cls.__name__})"
+
+
+def _video_inputs(processor, clip, question: str):
+    """(inputs, frame of each token unit): the processor's own video inputs through its chat template when it has a
+    video token (OneVision, Qwen2-VL family, InternVL, ...), else the frames as the images of one prompt (LLaVA)."""
+    import torch
+
+    from vtc.video import ensure_video_processor
+
+    frames = clip.images()
+    if getattr(processor, "video_token", None) is None:
+        from vtc.testing import llava_inputs
+
+        return llava_inputs(processor, [question], [frames]), frames
+    ensure_video_processor(processor)
+    content = [{"type": "video"}, {"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=[text], videos=[clip.frames], video_metadata=[clip.metadata], return_tensors="pt")
+    return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}, frames
+
+
+def _unit_layout(adapter, n_units: int):
+    """The adapter's record of the last prefill's units; LLaVA-1.5 keeps none: its images are whole grids."""
+    layout = getattr(adapter, "last_layout", None)
+    if layout is not None:
+        return layout
+    from vtc.adapters.decoder import VisualLayout
+
+    rows, cols = adapter.grid()
+    return VisualLayout([rows * cols] * n_units, [(rows, cols)] * n_units, [0] * n_units)
+
+
+def demo_video(args) -> int:
+    """`vtc demo --video PATH`: per-frame kept tokens and budgets of each strategy, and a frame strip per strategy."""
+    import torch
+
+    import vtc
+    from vtc.budget import tokens_to_keep
+    from vtc.video import load_video
+    from vtc.viz import frame_strip, grid_of_panels, kept_per_unit, save
+
+    torch.manual_seed(0)
+    keep = 0.5 if args.keep is None else args.keep
+    strategies = args.strategy or list(DEFAULT_VIDEO_STRATEGIES)
+    question = args.question if args.question != DEFAULT_QUESTION else DEFAULT_VIDEO_QUESTION
+    model, processor, model_name = _load_model(args.model, args.random_model)
+    clip = load_video(args.video, max_frames=args.frames)
+    inputs, frames = _video_inputs(processor, clip, question)
+    stamps = ", ".join(f"{t:.2f}" for t in clip.timestamps or [])
+    print(f"model: {model_name}\nvideo: {args.video}, {len(clip)}/{clip.total_frames} frames decoded by {clip.backend}")
+    print(f"  at {clip.fps:g} fps; frame times (s): {stamps}")
+    print(f"question: {question}\n")
+
+    base_ms = _prefill_ms(model, inputs)
+    rows = [("unpatched", "all", base_ms, 1.0, "", _answer(model, processor, inputs))]
+    strips = []
+    for name in strategies:
+        options = {"processor": processor} if name == "quota" else {}
+        with vtc.patched(model, name, keep=keep, **options) as handle:
+            ms = _prefill_ms(model, inputs)
+            answer = _answer(model, processor, inputs)
+            with torch.no_grad():
+                model(**inputs)
+            sample = handle.report().samples[0]
+            layout = _unit_layout(handle.adapter, len(sample.images))
+            per_unit = kept_per_unit(layout, handle.last_kept()[0])
+            plan = getattr(handle.strategy, "last_plan", None)
+            if plan:  # quota: its per-frame budgets n_i
+                budgets = [p["budget"] for p in sorted(plan, key=lambda p: p["unit"])]
+            elif handle.strategy.has_pre_llm:  # one budget for every frame
+                budgets = [tokens_to_keep(keep, c) for c in layout.counts]
+            else:  # pruned inside the LLM: no per-frame budget
+                budgets = [None] * len(per_unit)
+            frames_per_unit = max(1, len(frames) // len(per_unit))
+            shown = [frames[u * frames_per_unit] for u in range(len(per_unit))]
+            title = f"{name} keep={keep}: kept {sum(map(len, per_unit))}/{sample.visual_in} visual tokens"
+            strips.append(
+                frame_strip(
+                    shown, per_unit, layout.grids[0], budgets=budgets, size=max(f.width for f in shown), title=title
+                )
+            )
+            cells = " ".join(f"{len(k)}" + ("" if b is None else f"/{b}") for k, b in zip(per_unit, budgets))
+            rows.append(
+                (name, f"{sample.visual_per_layer[-1]}/{sample.visual_in}", ms, sample.flops_ratio, cells, answer)
+            )
+
+    header = f"{'strategy':<10} {'visual tokens':>13} {'prefill ms':>10} {'vs unpatched':>12} {'LLM FLOPs':>9}"
+    header += "  per-frame kept/budget"
+    print(header + "\n" + "-" * len(header))
+    for name, tokens, ms, flops, cells, answer in rows:
+        print(f"{name:<10} {tokens:>13} {ms:>10.1f} {ms / base_ms:>11.2f}x {flops:>8.0%}  {cells}  answer {answer!r}")
+    print("\nper-frame: tokens kept in each frame (or temporal patch) / its budget")
+    print("(quota: weighted by each frame's relevance to the question; pre-LLM strategies: one budget per frame)")
+    out = Path(args.out if args.out != "out/demo.png" else "out/demo_video.png")
+    save(grid_of_panels(strips, 1), out)
+    print(f"frame strip of the kept tokens: {out}")
+    return 0
+
+
 def list_cmd(args) -> int:
     import vtc
     from vtc.strategies.base import get_strategy_class
@@ -151,9 +274,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vtc", description="visual-token compression for HF VLMs")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="unpatched vs patched on the embedded tiny model, with a token overlay")
-    p.add_argument("--strategy", nargs="+", default=list(DEFAULT_STRATEGIES))
-    p.add_argument("--keep", type=float, default=0.25)
+    p.add_argument("--strategy", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_STRATEGIES)}; "
+                   f"with --video: {' '.join(DEFAULT_VIDEO_STRATEGIES)}")  # fmt: skip
+    p.add_argument("--keep", type=float, default=None, help="default 0.25; with --video 0.5")
     p.add_argument("--image", default=None, help="an image file (default: assets/demo.png)")
+    p.add_argument("--video", default=None, help="a video file, e.g. assets/shapes.mp4: per-frame budgets, frame strip")
+    p.add_argument("--frames", type=int, default=8, help="with --video: frames sampled, evenly spread (default 8)")
+    p.add_argument("--model", default=None, help="with --video: a tiny id (vtc-tiny-qwen2-vl, vtc-tiny-onevision, ...) "
+                   "or a HF checkpoint; default: the embedded tiny VLM, frames as images")  # fmt: skip
     p.add_argument("--question", default=DEFAULT_QUESTION)
     p.add_argument("--sample", type=int, default=0, help="which held-out scene (trained model only)")
     p.add_argument("--out", default="out/demo.png")

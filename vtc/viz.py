@@ -509,6 +509,13 @@ def split_per_frame(kept, n_frames: int, tokens_per_frame: int) -> list[list[int
     return out
 
 
+def kept_per_unit(layout, kept) -> list[list[int]]:
+    """One sample's kept flat visual-token indices (`handle.last_kept()[0]`, batch of one) -> per unit of `layout`
+    (`handle.adapter.last_layout`: frames, Qwen temporal patches, crops, images), indices into the unit's grid."""
+    kept = _as_index_set(kept)
+    return [[i for i, t in enumerate(layout.unit_tokens(u).tolist()) if t in kept] for u in range(len(layout.counts))]
+
+
 def frame_strip(
     frames: Sequence[Image.Image],
     kept,

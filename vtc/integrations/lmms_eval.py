@@ -23,6 +23,8 @@
     dtype               auto (default), float32, float16 or bfloat16
     attn_implementation sdpa (default) or eager: vtc's decoder loop supports these two
     batch_size          requests per forward (left padding); lmms-eval's --batch_size sets it too
+    max_frames          frames sampled from each video file, evenly spread (default 8; all frames of a shorter clip)
+    video_fps           sample this many frames per second of video instead (still at most max_frames)
     max_new_tokens      when a task's generation_kwargs do not say (default 256)
     use_chat_template   wrap each question in the processor's chat template (default true)
     system_prompt       a system message (or a file holding one) put before each question
@@ -41,16 +43,26 @@ its share of the requests and gathers the results; the padding requests lmms-eva
 answered without running the model. vtc's throughput numbers are summed over the processes (elapsed time: the
 slowest process's).
 
+Video tasks: `doc_to_visual` may return video file paths (decoded by `vtc.video.load_video`: decord where installed,
+else PyAV), `vtc.video.Video` objects, (T, H, W, 3) uint8 arrays, or a list of PIL frames nested in the returned
+list (`[[frame0, frame1, ...]]`; a flat list of PIL images is several images). Each video enters the prompt as
+`{"type": "video"}` content of the processor's chat template and the processor's own `__call__` builds the family's
+video inputs (with the frame timestamps for Qwen2.5-VL / Qwen3-VL); a processor without a video processor (none is
+built without torchvision) gets `vtc.video.FramesVideoProcessor`. Strategies that take the processor (`quota`) get
+the model's. Requests with videos are batched only with requests whose videos have the same frame counts.
+
 Without the entry point (vtc not pip-installed, only on PYTHONPATH): `python -m vtc.integrations.lmms_eval ...`
 takes the same arguments as `lmms-eval`.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, Instance
@@ -61,7 +73,9 @@ from tqdm import tqdm
 
 import vtc
 from vtc.adapters.decoder import execution_device
+from vtc.strategies.base import get_strategy_class
 from vtc.testing import TINY_MODEL_IDS as TINY_MODELS
+from vtc.video import Video, as_video, ensure_video_processor, is_video_path, load_video
 
 _MAX_ROUNDS = 32  # generate_until_multi_round stops here even when the task never signals the end
 
@@ -161,6 +175,8 @@ class VTCModel(lmms):
         attn_implementation: str = "sdpa",
         batch_size: int | str = 1,
         max_new_tokens: int = 256,
+        max_frames: int = 8,
+        video_fps: float | None = None,
         use_chat_template: bool = True,
         system_prompt: str | None = None,
         revision: str | None = None,
@@ -184,6 +200,7 @@ class VTCModel(lmms):
             batch_size = 1
         self.batch_size_per_gpu = max(1, batch_size)
         self.max_new_tokens = int(max_new_tokens)
+        self.max_frames, self.video_fps = int(parse_value(max_frames)), parse_value(video_fps)
         self.use_chat_template = bool(parse_value(use_chat_template))
         self.system_prompt = self._resolve_system_prompt(system_prompt) if system_prompt else None
         self.model, self.processor = load_model(
@@ -207,6 +224,8 @@ class VTCModel(lmms):
         self.strategy = "none" if none else parse_value(strategy)
         self.handle = None
         if self.strategy is not None or kv is not None:
+            if _takes_processor(self.strategy):  # quota builds its frame prompts with it
+                strategy_options.setdefault("processor", self.processor)
             self.handle = vtc.patch(
                 self.model,
                 self.strategy,
@@ -254,41 +273,73 @@ class VTCModel(lmms):
         return self._totals.summary()
 
     # --- prompts and inputs ---------------------------------------------------------------------------
-    def _prompt(self, context: str, n_images: int) -> str:
+    def _prompt(self, context: str, n_images: int, n_videos: int = 0) -> str:
         context = context.replace("<image>", "").strip() if n_images else context
+        context = context.replace("<video>", "").strip() if n_videos else context
         chat = self.use_chat_template and getattr(self.processor, "chat_template", None)
         if not chat:
-            token = getattr(self.processor, "image_token", "<image>")
-            return "".join(f"{token}\n" for _ in range(n_images)) + context
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
+            image, video = getattr(self.processor, "image_token", "<image>"), getattr(self.processor, "video_token", "")
+            return f"{image}\n" * n_images + f"{video}\n" * n_videos + context
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "video"} for _ in range(n_videos)]
+        content.append({"type": "text", "text": context})
         messages = [{"role": "user", "content": content}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def _visuals(self, doc_to_visual, doc_id, task, split) -> list[Image.Image]:
+    def _visuals(self, doc_to_visual, doc_id, task, split) -> tuple[list[Image.Image], list[Video]]:
+        """The request's (images, videos) from what the task's doc_to_visual returns."""
         if doc_to_visual is None:
-            return []
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-        if not isinstance(visuals, (list, tuple)):
-            visuals = [visuals]
-        images = []
-        for visual in _flatten(visuals):
-            if isinstance(visual, Image.Image):
+            return [], []
+        return self._split_visuals(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
+
+    def _split_visuals(self, visuals) -> tuple[list[Image.Image], list[Video]]:
+        images, videos = [], []
+        for visual in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
+            if isinstance(visual, (list, tuple)) and visual and all(isinstance(v, Image.Image) for v in visual):
+                videos.append(as_video(visual))  # nested PIL frames: one video
+            elif isinstance(visual, (list, tuple)):
+                more_images, more_videos = self._split_visuals(visual)
+                images += more_images
+                videos += more_videos
+            elif isinstance(visual, Image.Image):
                 images.append(visual.convert("RGB"))
+            elif is_video_path(visual):
+                videos.append(load_video(visual, fps=self.video_fps, max_frames=self.max_frames))
             elif isinstance(visual, (str, Path)) and Path(visual).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
                 with Image.open(visual) as opened:
                     images.append(opened.convert("RGB"))
+            elif isinstance(visual, (Video, np.ndarray, torch.Tensor)):
+                videos.append(as_video(visual))
             else:
-                raise NotImplementedError(f"the vtc plug-in takes images only, got {type(visual).__name__}: {visual!r}")
-        return images
+                raise NotImplementedError(
+                    f"the vtc plug-in takes images (PIL, image paths) and videos (video paths, (T, H, W, 3) arrays, "
+                    f"nested lists of PIL frames), got {type(visual).__name__}: {visual!r:.200}"
+                )
+        return images, videos
 
-    def _inputs(self, texts: list[str], images: list[list[Image.Image]]):
+    def _inputs(self, texts: list[str], images: list[list[Image.Image]], videos: list[list[Video]] | None = None):
         flat = [im for per_sample in images for im in per_sample]
+        clips = [clip for per_sample in videos or [] for clip in per_sample]
         kwargs = {"images": flat} if flat else {}
+        if clips:
+            if getattr(self.processor, "video_token", None) is None:
+                raise ValueError(
+                    f"{type(self.model).__name__} takes no video (its processor has no video token): evaluate video "
+                    "tasks on a video model (LLaVA-OneVision, Qwen2-VL / 2.5-VL, Qwen3-VL, InternVL)"
+                )
+            ensure_video_processor(self.processor)
+            # frames are sampled already (do_sample_frames=False); the metadata carries fps and frame indices
+            kwargs.update(
+                videos=[c.frames for c in clips], video_metadata=[c.metadata for c in clips], do_sample_frames=False
+            )
         batch = self.processor(text=texts, return_tensors="pt", padding=True, **kwargs)
         dtype = next(self.model.parameters()).dtype
-        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in batch.items()}
+        return {
+            k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor)  # not the video metadata some processors hand back
+        }
 
     def _record(self, n: int, started: float, gen_tokens: int = 0) -> None:
         self._totals.seconds += time.perf_counter() - started
@@ -306,18 +357,20 @@ class VTCModel(lmms):
         prepared = []
         for index, request in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args[:6]
-            images = self._visuals(doc_to_visual, doc_id, task, split)
-            prepared.append((index, self._prompt(context, len(images)), images, dict(gen_kwargs or {})))
+            images, videos = self._visuals(doc_to_visual, doc_id, task, split)
+            prompt = self._prompt(context, len(images), len(videos))
+            prepared.append((index, prompt, images, dict(gen_kwargs or {}), videos))
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list] = {}
         for item in prepared:
-            groups.setdefault(json.dumps(item[3], sort_keys=True, default=str), []).append(item)
+            key = json.dumps([item[3], _frame_counts(item[4])], sort_keys=True, default=str)
+            groups.setdefault(key, []).append(item)
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="vtc generate")
         for items in groups.values():
             items.sort(key=lambda item: -len(item[1]))
             for i in range(0, len(items), self.batch_size):
                 chunk = items[i : i + self.batch_size]
-                texts = self._generate([c[1] for c in chunk], [c[2] for c in chunk], chunk[0][3])
+                texts = self._generate([c[1] for c in chunk], [c[2] for c in chunk], chunk[0][3], [c[4] for c in chunk])
                 for (index, *_), text in zip(chunk, texts):
                     results[index] = text
                     self.cache_hook.add_partial("generate_until", requests[index].args[:2], text)
@@ -326,7 +379,9 @@ class VTCModel(lmms):
         self._log(start)
         return results
 
-    def _generate(self, prompts: list[str], images: list[list[Image.Image]], gen_kwargs: dict) -> list[str]:
+    def _generate(
+        self, prompts: list[str], images: list[list[Image.Image]], gen_kwargs: dict, videos: list | None = None
+    ) -> list[str]:
         started = time.perf_counter()
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
@@ -342,7 +397,7 @@ class VTCModel(lmms):
             kwargs["temperature"] = temperature or 1.0
             if gen_kwargs.get("top_p") is not None:
                 kwargs["top_p"] = float(gen_kwargs["top_p"])
-        inputs = self._inputs(prompts, images)
+        inputs = self._inputs(prompts, images, videos)
         with torch.inference_mode():
             out = self.model.generate(**inputs, **kwargs)
         new = out[:, inputs["input_ids"].shape[1] :]
@@ -371,23 +426,23 @@ class VTCModel(lmms):
         prepared = []
         for request in requests:
             context, continuation, doc_to_visual, doc_id, task, split = request.args[:6]
-            images = self._visuals(doc_to_visual, doc_id, task, split)
+            images, videos = self._visuals(doc_to_visual, doc_id, task, split)
             if callable(continuation):
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            prompt = self._prompt(context, len(images))
+            prompt = self._prompt(context, len(images), len(videos))
             n_prompt = len(self.tokenizer(prompt)["input_ids"])
             n_cont = max(1, len(self.tokenizer(prompt + str(continuation))["input_ids"]) - n_prompt)
-            prepared.append((prompt + str(continuation), images, n_cont))
+            prepared.append((prompt + str(continuation), images, n_cont, videos))
         results = []
-        for i in tqdm(range(0, len(prepared), self.batch_size), disable=self.rank != 0, desc="vtc loglikelihood"):
-            chunk = prepared[i : i + self.batch_size]
+        chunks = _runs(prepared, self.batch_size, key=lambda item: _frame_counts(item[3]))
+        for chunk in tqdm(chunks, disable=self.rank != 0, desc="vtc loglikelihood"):
             started = time.perf_counter()
-            inputs = self._inputs([c[0] for c in chunk], [c[1] for c in chunk])
+            inputs = self._inputs([c[0] for c in chunk], [c[1] for c in chunk], [c[3] for c in chunk])
             with torch.inference_mode():
                 logits = self.model(**inputs).logits.float()
             # left padding: every row ends with its continuation (a vtc-patched forward drops visual rows only,
             # so the last rows are still the text's last positions)
-            for row, (_, _, n) in enumerate(chunk):
+            for row, (_, _, n, _) in enumerate(chunk):
                 targets = inputs["input_ids"][row, -n:]
                 scores = torch.log_softmax(logits[row, -n - 1 : -1], dim=-1)
                 nll = -scores.gather(-1, targets[:, None]).mean()
@@ -407,7 +462,7 @@ class VTCModel(lmms):
         for request in tqdm(requests, disable=self.rank != 0, desc="vtc multi-round"):
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args[:7]
             doc = self.task_dict[task][split][doc_id]
-            images = self._visuals(doc_to_visual, doc_id, task, split)
+            images, videos = self._visuals(doc_to_visual, doc_id, task, split)
             rounds: list[str] = []
             info = None
             for round_idx in range(_MAX_ROUNDS):
@@ -418,8 +473,9 @@ class VTCModel(lmms):
                     rounds = list(rounds)
                     if done:
                         break
-                    images = [v.convert("RGB") for v in _flatten(visuals or []) if isinstance(v, Image.Image)]
-                rounds += self._generate([self._prompt(context, len(images))], [images], dict(gen_kwargs or {}))
+                    images, videos = self._split_visuals(visuals or [])
+                prompt = self._prompt(context, len(images), len(videos))
+                rounds += self._generate([prompt], [images], dict(gen_kwargs or {}), [videos])
             results.append(rounds)
         self._log(start)
         return results
@@ -508,12 +564,29 @@ def _skip_padding(requests: list[Instance], run, filler) -> list:
     return [filler if _is_padding(r) else next(answers) for r in requests]
 
 
-def _flatten(items):
+def _takes_processor(strategy) -> bool:
+    """Whether the strategy named `strategy` takes the model's processor (unknown names: vtc.patch says so)."""
+    try:
+        cls = get_strategy_class(strategy) if isinstance(strategy, str) else None
+    except ValueError:
+        return False
+    return cls is not None and "processor" in inspect.signature(cls).parameters
+
+
+def _frame_counts(videos: list[Video]) -> list[int]:
+    """A request's batching signature: the frame count of each of its videos (processors stack equal counts)."""
+    return [len(v) for v in videos]
+
+
+def _runs(items: list, size: int, key) -> list[list]:
+    """`items` cut in order into chunks of at most `size` consecutive items with the same `key`."""
+    chunks: list[list] = []
     for item in items:
-        if isinstance(item, (list, tuple)):
-            yield from _flatten(item)
+        if chunks and len(chunks[-1]) < size and key(chunks[-1][0]) == key(item):
+            chunks[-1].append(item)
         else:
-            yield item
+            chunks.append([item])
+    return chunks
 
 
 def main() -> None:

@@ -168,7 +168,8 @@ def make_video(seed: int = 0, frames: int = 3, size: int = 64) -> list[Image.Ima
 
 def internvl_video_inputs(processor, questions: list[str], videos: list[list[Image.Image]]) -> BatchEncoding:
     """Batch of one-video prompts, as `InternVLProcessor` builds them without its video processor (which needs
-    torchvision): every frame is one tile, resized and normalised by the image processor's own settings, and
+    torchvision), for clips of different lengths in one batch (`vtc.video.FramesVideoProcessor` stacks equal
+    lengths only): every frame is one tile, resized and normalised by the image processor's own settings, and
     the `<video>` placeholder becomes "Frame1: <img>...</img>\\nFrame2: ..." (`replace_video_token`). The model
     receives the frames in `pixel_values`, like images of one tile each."""
     ip = processor.image_processor

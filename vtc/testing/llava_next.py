@@ -12,8 +12,6 @@ crops whose 6 x 6 token grid is unpadded to 4 x 6 (one row of padding dropped ab
 
 from __future__ import annotations
 
-import math
-
 import torch
 from PIL import Image
 
@@ -202,26 +200,11 @@ def next_inputs(processor, questions: list[str], images: list[list[Image.Image]]
 
 
 def onevision_video_inputs(processor, questions: list[str], videos: list[list[Image.Image]]):
-    """Batch of one-video prompts for OneVision, without a video processor (torchvision is not installed).
+    """Batch of one-video prompts for OneVision through the processor's own `__call__`, its video processor
+    replaced by `vtc.video.FramesVideoProcessor` (transformers' needs torchvision): each frame is resized to the
+    vision input size and normalised by the image processor's settings; the `<video>` placeholder is expanded to
+    frames x ceil(side / 2)^2 + 1 tokens (the model pools each frame's grid 2x and appends one newline token)."""
+    from ..video import ensure_video_processor
 
-    Each frame is resized to the vision input size and normalised by the image processor's own settings;
-    the `<video>` placeholder is expanded to frames x ceil(side / 2)^2 + 1 tokens, as the real processor
-    does (the model pools each frame's grid 2x and appends one newline token per video)."""
-    import numpy as np
-
-    ip = processor.image_processor
-    side = processor.num_image_tokens
-    per_frame = math.ceil(math.isqrt(side) / 2) ** 2
-    mean, std = torch.tensor(ip.image_mean)[:, None, None], torch.tensor(ip.image_std)[:, None, None]
-    clips = []
-    for frames in videos:
-        arrays = [np.asarray(f.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)) for f in frames]
-        pixels = torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-        clips.append((pixels - mean) / std)
-    if len({len(c) for c in clips}) != 1:
-        raise ValueError("the videos of one batch need the same number of frames")
-    texts = _prompts(processor, questions, [["video"]] * len(videos))
-    texts = [t.replace(VIDEO_TOKEN, VIDEO_TOKEN * (len(c) * per_frame + 1)) for t, c in zip(texts, clips)]
-    inputs = processor.tokenizer(texts, return_tensors="pt", padding=True)
-    inputs["pixel_values_videos"] = torch.stack(clips)
-    return inputs
+    texts = _prompts(ensure_video_processor(processor), questions, [["video"]] * len(videos))
+    return processor(text=texts, videos=list(videos), return_tensors="pt", padding=True)

@@ -2,9 +2,9 @@
 
 Everything is built offline: real transformers classes with random weights, a BPE tokenizer trained on a
 few sentences with the `tokenizers` package, the Qwen2-VL image processor (PIL backend) made from its
-config. Videos are small generated frame stacks, patchified here the way Qwen2-VL's video processor does
-(pairs of frames form one temporal patch); its own video processor needs torchvision, which must not be
-installed beside the CPU torch (DESIGN.md, section 7).
+config. Videos are small generated frame stacks, patchified by `vtc.video.FramesVideoProcessor` the way Qwen2-VL's
+video processor does (pairs of frames form one temporal patch); its own video processor needs torchvision, which
+must not be installed beside the CPU torch (DESIGN.md, section 7).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..video import FramesVideoProcessor
 from .llava import _CORPUS, make_image
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -187,19 +188,8 @@ class TinyQwenVLProcessor:
         return f"<|im_start|>user\n{vision}{question}<|im_end|>\n<|im_start|>assistant\n"
 
     def _video(self, frames: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
-        if len(frames) % TEMPORAL:
-            frames = frames + frames[-1:] * (TEMPORAL - len(frames) % TEMPORAL)
-        out = self.image_processor(images=frames, return_tensors="pt")
-        grids = out["image_grid_thw"]
-        if not (grids == grids[0]).all():
-            raise ValueError("all frames of a video must have the same size")
-        _, gh, gw = grids[0].tolist()
-        n = gh * gw
-        p = self.patch
-        # each frame's patches hold the frame twice along the temporal axis: keep one copy, pair the frames
-        patches = out["pixel_values"].view(len(frames), n, 3, TEMPORAL, p, p)[:, :, :, 0]
-        patches = patches.view(len(frames) // TEMPORAL, TEMPORAL, n, 3, p, p).permute(0, 2, 3, 1, 4, 5)
-        return patches.reshape(-1, 3 * TEMPORAL * p * p), [len(frames) // TEMPORAL, gh, gw]
+        out = FramesVideoProcessor(self.image_processor, "patches")([frames])
+        return out["pixel_values_videos"], out["video_grid_thw"][0].tolist()
 
     def _video_text(self, grid: list[int]) -> str:
         """What one <|video_pad|> placeholder expands into: grid_t * grid_h * grid_w / 4 <|video_pad|> tokens."""
