@@ -17,6 +17,7 @@ class Adapter:
     name: str = ""
     model_classes: tuple[str, ...] = ()
     vision_merge: bool = False  # runs token merging inside the vision tower (ToMe placement="vision")
+    vision_records: bool = False  # lays out the visual tokens from what the vision tower's run recorded
     # what one call captures is per thread: two threads sharing the model never see each other's
     _pending_visual = PerThread(None)  # (B, L) bool: the visual tokens of this thread's current forward
     _probes = PerThread({})  # kind -> vision layer -> (units, channels, tokens)
@@ -113,6 +114,10 @@ class Adapter:
         self._pending_visual = None
         self._probes = {}
 
+    def needs_own_vision(self, strategy) -> bool:
+        """Whether a forward needs this model's own vision tower to run under vtc's hooks (not outside features)."""
+        return self.vision_records or bool(strategy.vision_probes(self.num_vision_layers(), self.feature_layer()))
+
     def collapse_rows(self, k: int) -> None:
         """generate() repeated every sample k times (beams): keep one copy of each row of what this forward's hooks
         captured per row, as the prefill runs on one copy (`PrunedDecoder._collapsed_prefill`)."""
@@ -158,7 +163,8 @@ def _generate(handle, original, *args, **kwargs):
     """The patched model's generate(): refuses what vtc cannot run before anything runs, and records this thread's
     call (the prompt length; the batch expansion, set by `_expand_inputs`) for the decoder loop."""
     check_attention(handle.adapter.language_model.config)
-    config = kwargs.get("generation_config") or handle.model.generation_config
+    config = kwargs.get("generation_config")
+    config = config if config is not None else handle.model.generation_config
     static = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
     if static is not None and static != "dynamic":
         raise NotImplementedError(
@@ -172,15 +178,15 @@ def _generate(handle, original, *args, **kwargs):
                 "assisted decoding with a vtc KV policy: the policy's eviction cannot be undone when candidates are "
                 "rejected; patch without kv= for assisted decoding"
             )
-    adapter = handle.adapter
-    wanted = handle.strategy.vision_probes(adapter.num_vision_layers(), adapter.feature_layer())
-    if wanted and kwargs.get("mm_encoder_outputs") and not any(k.startswith("pixel_values") for k in kwargs):
-        raise NotImplementedError(
-            f"strategy {handle.strategy.name!r} reads vision probes, but this generate() got vision features computed "
-            "elsewhere (mm_encoder_outputs; a patched assistant_model gets the main model's), so this model's vision "
-            "tower does not run: pass pixel values, or patch the assistant with a strategy without vision probes "
-            "(fastv, none) or leave it unpatched"
-        )
+    if kwargs.get("mm_encoder_outputs") and not any(k.startswith("pixel_values") for k in kwargs):
+        if handle.adapter.needs_own_vision(handle.strategy):
+            way_out = "" if handle.adapter.vision_records else " (or patch it with a strategy without vision probes)"
+            raise NotImplementedError(
+                f"{type(handle.model).__name__} patched with {handle.strategy.name!r} got vision features computed "
+                "elsewhere (mm_encoder_outputs; a patched assistant_model gets the main model's), so its own vision "
+                "tower does not run and vtc cannot lay out or probe the visual tokens: pass pixel values, or leave "
+                f"the assistant unpatched{way_out}"
+            )
     ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     previous = handle._call
     handle._call = {"expand": 1, "prompt": ids.shape[1] if ids is not None and ids.dim() == 2 else None}

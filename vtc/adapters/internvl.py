@@ -119,6 +119,7 @@ def infer_tile_grid(tiles: torch.Tensor, size: int = 16) -> tuple[int, int]:
 class InternVLAdapter(CapturedUnits, Adapter):
     name = "internvl"
     model_classes = ("InternVLForConditionalGeneration",)
+    vision_records = True  # units, grids and tiles come from the vision call
     unit_names = "tile"
     # per thread (see Adapter)
     _calls = PerThread([])  # per vision-tower run: its tiles' pixels and probes

@@ -71,6 +71,7 @@ class LlavaNextAdapter(CapturedUnits, LlavaAdapter):
     name = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
     unit_names = "image/frame"
+    vision_records = True  # units, grids and tiles come from the vision call
     vision_merge = False  # ToMe in the tower: LLaVA-1.5 only (crops would need the merge probe through packing)
     has_video = False
     # per thread (see Adapter): what this thread's vision tower and prompt gave

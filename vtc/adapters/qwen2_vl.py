@@ -71,6 +71,7 @@ def vision_attention_received(
 class QwenVLAdapter(Adapter):
     name = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    vision_records = True  # units, grids and tiles come from the vision call
     notes: list[str] = []  # set at install: names the [CLS] surrogate when the strategy reads a vision probe
     # per thread (see Adapter)
     _pending_kinds = PerThread(None)  # (B, L): 1 image token, 2 video token

@@ -27,7 +27,6 @@ def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
     return length - 1 - valid.flip(1).long().argmax(dim=1)
 
 
-
 @dataclass
 class VisualTokens:
     """The visual tokens of a group of images that share one token grid.
