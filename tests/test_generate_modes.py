@@ -166,11 +166,16 @@ def test_expanded_batch_equals_oracle(family, mode):
         kept = handle.last_kept()
         out = generated(model, inputs, **options)
         assert [torch.equal(a, b) for a, b in zip(handle.last_kept(), kept)] == [True, True]
-        if name == "qwen3_vl":  # DeepStack: no oracle generate; each sample alone gives the same copies
-            for b in range(2):
-                one = family["inputs"](QUESTIONS[b : b + 1], [family_images(family, "a")[b]])
-                alone = generated(model, one, **options)
-                assert until_eos(out[2 * b : 2 * b + 2], eos(model)) == until_eos(alone, eos(model))
+        if name == "qwen3_vl":  # DeepStack: no oracle generate. Beams: each sample alone gives the same beams;
+            images = family_images(family, "a")  # sampling: the batch with every sample given twice, same seed
+            if mode == "beams":
+                for b in range(2):
+                    alone = generated(model, family["inputs"](QUESTIONS[b : b + 1], [images[b]]), **options)
+                    assert until_eos(out[2 * b : 2 * b + 2], eos(model)) == until_eos(alone, eos(model))
+            else:
+                twice = family["inputs"]([q for q in QUESTIONS for _ in "ab"], [im for im in images for _ in "ab"])
+                repeated = generated(model, twice, **dict(options, num_return_sequences=1))
+                assert until_eos(out, eos(model)) == until_eos(repeated, eos(model))
             return
     torch.manual_seed(0)
     oracle = oracle_generate(model, name, inputs, kept, max_new_tokens=4, **options)
