@@ -7,6 +7,10 @@ the shorter sequence. At decode it builds each layer's mask from the keys that l
 
 Kept tokens keep their original position ids. Every step passes an explicit attention mask: position ids
 with gaps and no mask would otherwise be read by transformers as packed sequences (DESIGN.md, section 7).
+
+The cache a prefill fills becomes a `PrunedCache` that carries its own bookkeeping (which entries are valid, the
+logical length), so decoding, beam reordering, cropping and continuing a returned cache need no state elsewhere;
+what one call captures (visual masks, probes, the report) is per thread (`vtc.local.PerThread`).
 """
 
 from __future__ import annotations
@@ -358,6 +362,10 @@ class PrunedDecoder:
 
     def _prefill_then_decode(self, prompt, embeds, visual, attention_mask, position_ids, cache, want_hidden):
         """Prefill the first `prompt` tokens (the selection sees the prompt only), then decode the rest in one step."""
+        if want_hidden:
+            raise NotImplementedError(
+                "output_hidden_states with assisted decoding on a vtc-patched model: drop output_hidden_states"
+            )
         head = self._prefill(
             embeds[:, :prompt],
             visual[:, :prompt],
@@ -373,8 +381,6 @@ class PrunedDecoder:
             attention_mask,
             position_ids[..., prompt:] if position_ids is not None else None,
         )
-        if want_hidden:
-            raise NotImplementedError("output_hidden_states with assisted decoding is not supported by vtc")
         hidden = torch.cat([head.last_hidden_state, tail.last_hidden_state], dim=1)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=head.past_key_values)
 
