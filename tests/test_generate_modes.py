@@ -351,3 +351,19 @@ def eos(model) -> int:
 
 def family_images(family, batch: str) -> list:
     return family["images_" + batch]
+
+
+def test_kv_policy_refuses_beams_and_foreign_caches(llava, batch3):
+    """A KV policy keeps per-row eviction state for the last prefill of its thread: beams, and continuing a cache
+    after another prefill, are refused with the way out."""
+    inputs = batch3[2]
+    with torch.no_grad(), vtc.patched(llava, "fastv", keep=0.25, kv="streaming", kv_budget=16):
+        with pytest.raises(NotImplementedError, match="without kv="):
+            llava.generate(**inputs, max_new_tokens=2, num_beams=2)
+        first = llava.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        llava(**inputs)  # another prefill
+        mask = torch.cat([inputs["attention_mask"], torch.ones(3, 2, dtype=torch.long)], dim=1)
+        with pytest.raises(NotImplementedError, match="without kv="):
+            llava.generate(
+                input_ids=first.sequences, attention_mask=mask, past_key_values=first.past_key_values, max_new_tokens=1
+            )

@@ -620,6 +620,11 @@ class PrunedDecoder:
     # ------------------------------------------------------------------------------------------------
     def _decode(self, state: CacheState, embeds, attention_mask, position_ids):
         kv = self.handle.kv_policy
+        if kv is not None and kv._state is not state:
+            raise NotImplementedError(
+                "this cache is not the one of this thread's last prefill, and the KV policy keeps its eviction state "
+                "for that one only: continue a cache right after the call that returned it, or patch without kv="
+            )
         b, q, _ = embeds.shape
         device = embeds.device
         if position_ids is None:
