@@ -367,3 +367,19 @@ def test_kv_policy_refuses_beams_and_foreign_caches(llava, batch3):
             llava.generate(
                 input_ids=first.sequences, attention_mask=mask, past_key_values=first.past_key_values, max_new_tokens=1
             )
+
+
+@pytest.mark.parametrize("strategy", vtc.list_strategies())
+def test_every_strategy_beams_on_llava(strategy, llava, processor):
+    """Every strategy under beam search (LLaVA-1.5, one image and two images): the two-image sample's beams in the
+    (padded) batch equal its beams alone, and the report keeps what a plain forward keeps."""
+    images = [[make_image(0)], [make_image(1), make_image(2)]]
+    inputs = dict(llava_inputs(processor, QUESTIONS, images))
+    options = dict(num_beams=2, num_return_sequences=2, do_sample=False)
+    with torch.no_grad(), vtc.patched(llava, strategy, keep=0.25, processor=processor) as handle:
+        llava(**inputs)
+        kept = handle.last_kept()
+        out = generated(llava, inputs, **options)
+        assert all(torch.equal(a, b) for a, b in zip(handle.last_kept(), kept))
+        alone = generated(llava, dict(llava_inputs(processor, QUESTIONS[1:], images[1:])), **options)
+        assert until_eos(out[2:], eos(llava)) == until_eos(alone, eos(llava))
