@@ -235,7 +235,8 @@ def assert_mrope_decode_positions_are_logical(model, inputs) -> None:
         first = model(**inputs, use_cache=True)
         nxt = first.logits[:, -1:].argmax(-1)
         step = model(input_ids=nxt, past_key_values=first.past_key_values, use_cache=True).logits[0, -1]
-        assert first.past_key_values.get_seq_length() < inputs["input_ids"].shape[1]
+        cache = first.past_key_values  # physically shorter; it reports the logical length (prompt + 1 step)
+        assert cache.layers[0].keys.shape[-2] < inputs["input_ids"].shape[1] == cache.get_seq_length() - 1
         handle.reuse_selection = True
         ids = torch.cat([inputs["input_ids"], nxt], 1)
         full = model(

@@ -14,6 +14,7 @@ from . import strategies as _strategies  # noqa: F401  (registers the strategies
 from .adapters.base import find_adapter
 from .budget import prefill_flops, validate_keep
 from .kv.base import KVPolicy, build_policy
+from .local import PerThread
 from .strategies.base import Strategy, build_strategy
 
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -89,7 +90,14 @@ class PatchHandle:
     """Returned by `vtc.patch`. Holds the strategy and the record of the last forward; `unpatch()` undoes it.
 
     After patching, a forward returns logits for the *compacted* sequence: dropped visual tokens have no
-    output row (text positions keep their order; samples of a batch are left-padded to the longest)."""
+    output row (text positions keep their order; samples of a batch are left-padded to the longest).
+
+    `report()` and `last_kept()` describe the calling thread's last forward (each thread has its own); after a
+    generate() with num_beams / num_return_sequences they list each input sample once (its copies share its
+    selection)."""
+
+    _last = PerThread(None)  # the record of this thread's last prefill
+    _call = PerThread(None)  # this thread's running generate() call: {"expand": copies per sample, "prompt": length}
 
     def __init__(self, model: torch.nn.Module, adapter, strategy: Strategy):
         self.model = model
@@ -97,7 +105,6 @@ class PatchHandle:
         self.strategy = strategy
         self.reuse_selection = False
         self.kv_policy = None
-        self._last: dict | None = None
 
     # --- public ---------------------------------------------------------------------------------
     def unpatch(self) -> None:

@@ -7,6 +7,10 @@ the shorter sequence. At decode it builds each layer's mask from the keys that l
 
 Kept tokens keep their original position ids. Every step passes an explicit attention mask: position ids
 with gaps and no mask would otherwise be read by transformers as packed sequences (DESIGN.md, section 7).
+
+The cache a prefill fills becomes a `PrunedCache` that carries its own bookkeeping (which entries are valid, the
+logical length), so decoding, beam reordering, cropping and continuing a returned cache need no state elsewhere;
+what one call captures (visual masks, probes, the report) is per thread (`vtc.local.PerThread`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,23 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from ..local import PerThread
 from ..probes import decoder_attention_rows
-from ..strategies.base import VisualTokens
+from ..strategies.base import VisualTokens, last_valid_index
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def check_attention(config) -> None:
+    """Refuse an attention implementation the decoder loop cannot run (checked at patch() and at every call: a model
+    can be switched after patching, e.g. `model.set_attn_implementation("flex_attention")`)."""
+    implementation = config._attn_implementation
+    if implementation not in SUPPORTED_ATTENTION:
+        raise NotImplementedError(
+            f"the language model uses attn_implementation={implementation!r}; vtc's decoder loop supports "
+            f"{', '.join(SUPPORTED_ATTENTION)}: load the model with attn_implementation='sdpa' or call "
+            "model.set_attn_implementation('sdpa') (or unpatch first)"
+        )
 
 
 @dataclass
@@ -71,6 +88,24 @@ class CacheState:
     decoded: int = 0
     extras: dict = field(default_factory=dict)
 
+    def rows(self, pick) -> None:
+        """Apply `pick` (a function of a (B, ...) tensor) to the rows of every per-row record: beam reordering,
+        repeats of the batch. Layers that share one validity tensor keep sharing it."""
+        done: dict[int, torch.Tensor] = {}
+        self.layer_valid = [done.setdefault(id(v), pick(v)) for v in self.layer_valid]
+        if "rope_deltas" in self.extras:
+            self.extras["rope_deltas"] = pick(self.extras["rope_deltas"])
+
+    def drop_last(self, n: int) -> None:
+        """Forget the last n logical tokens (text or generated: never pruned, the last n entries of every layer)."""
+        if n <= 0:
+            return
+        done: dict[int, torch.Tensor] = {}
+        self.layer_valid = [done.setdefault(id(v), v[..., :-n]) for v in self.layer_valid]
+        from_decoded = min(n, self.decoded)
+        self.decoded -= from_decoded
+        self.logical_len -= n - from_decoded
+
     def keep_entries(self, layer: int, index: torch.Tensor) -> None:
         """Keep only the cache entries `index` of `layer`: (B, K') for all heads or (B, kv_heads, K')."""
         cache_layer = self.cache.layers[layer]
@@ -82,6 +117,41 @@ class CacheState:
         if index.dim() == 3 and valid.dim() == 2:
             valid = valid[:, None].expand(-1, keys.shape[1], -1)
         self.layer_valid[layer] = valid.gather(-1, index if valid.dim() == index.dim() else per_head)
+
+
+class PrunedCache(DynamicCache):
+    """The DynamicCache a vtc prefill filled. vtc sets this class on the very cache object generate() passed (so
+    generate keeps using it); the layers hold the physical, shorter entries and `vtc_state` (a CacheState) which of
+    them are valid and the LOGICAL length. `get_seq_length` reports the logical length: generate() slices the inputs
+    of a continuation (`generate(input_ids=out.sequences, past_key_values=out.past_key_values)`) and places
+    cache positions by it. Beam reordering, batch repeats and cropping (assisted decoding) keep the validity in step
+    with the entries."""
+
+    vtc_state: CacheState
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.vtc_state.logical_len + self.vtc_state.decoded
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.vtc_state.rows(lambda v: v.index_select(0, beam_idx.to(v.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.vtc_state.rows(lambda v: v[indices.to(v.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.vtc_state.rows(lambda v: v.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)  # transformers 5.23 only takes a negative count: the tokens to remove
+        self.vtc_state.drop_last(-tokens_to_remove)
+
+
+def cache_state(cache) -> CacheState | None:
+    """The CacheState of a cache a vtc prefill filled, else None."""
+    return cache.vtc_state if isinstance(cache, PrunedCache) else None
 
 
 @dataclass
@@ -178,11 +248,12 @@ def attention_mask_4d(
 class PrunedDecoder:
     """Runs a language model's decoder layers with the selections of one strategy (see module docstring)."""
 
+    state = PerThread(None)  # the CacheState of this thread's last prefill (each cache carries its own: `cache_state`)
+
     def __init__(self, handle, lm: torch.nn.Module, original_forward):
         self.handle = handle
         self.lm = lm
         self.original_forward = original_forward
-        self.state: CacheState | None = None
 
     @property
     def layers(self):
@@ -206,10 +277,16 @@ class PrunedDecoder:
         **kwargs,
     ):
         lm, handle = self.lm, self.handle
+        check_attention(lm.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        call = handle._call
+        if past_len == 0 and call is not None and call["expand"] > 1:
+            return self._collapsed_prefill(
+                call, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs
+            )
         visual = handle.adapter.take_visual_mask()
         if inputs_embeds is None:
             inputs_embeds = lm.embed_tokens(input_ids)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         plain = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -219,8 +296,9 @@ class PrunedDecoder:
             **kwargs,
         )
         if past_len > 0:
-            if self.state is not None and past_key_values is self.state.cache:
-                return self._decode(inputs_embeds, attention_mask, position_ids)
+            state = cache_state(past_key_values)
+            if state is not None:
+                return self._decode(state, inputs_embeds, attention_mask, position_ids)
             return self.original_forward(**plain)  # a cache we did not fill: leave it alone
         self.state = None
         has_visual = visual is not None and bool(visual.any())
@@ -233,12 +311,94 @@ class PrunedDecoder:
             use_cache = lm.config.use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=lm.config)
+        if use_cache and type(past_key_values) is not DynamicCache:
+            raise NotImplementedError(
+                f"vtc's pruned prefill fills a DynamicCache (its layers get shorter than the prompt), not a "
+                f"{type(past_key_values).__name__}: drop cache_implementation='static' (or the cache you passed) and "
+                "let generate() use its default dynamic cache"
+            )
         if visual is None:
             visual = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
         want_hidden = bool(kwargs.get("output_hidden_states") or lm.config.output_hidden_states)
+        prompt = call["prompt"] if call is not None else None
+        if use_cache and prompt is not None and 0 < prompt < inputs_embeds.shape[1]:
+            # assisted decoding verifies its first candidates in the prefill: select on the prompt alone (as a plain
+            # generate() does), then run the candidates as decode steps
+            return self._prefill_then_decode(
+                prompt, inputs_embeds, visual, attention_mask, position_ids, past_key_values, want_hidden
+            )
         return self._prefill(
             inputs_embeds, visual, attention_mask, position_ids, past_key_values, use_cache, want_hidden
         )
+
+    def _collapsed_prefill(self, call, input_ids, attention_mask, position_ids, cache, embeds, use_cache, kwargs):
+        """generate() repeats every sample `expand` times (num_beams, num_return_sequences) after the vision tower ran
+        once per sample, so what vtc captured is per sample. The copies are equal at prefill: run the prefill (and
+        the selection) on one copy of each sample, then repeat its cache and outputs, so that every copy decodes from
+        its source sample's selection."""
+        k = call["expand"]
+        if use_cache is False:
+            raise NotImplementedError(
+                f"generate() with num_beams or num_return_sequences = {k} and use_cache=False re-runs the prefill at "
+                "every step on beams that no longer match the vision features vtc captured per sample: keep the cache "
+                "(use_cache=True, the default)"
+            )
+
+        def one_copy(x, dim=0):
+            if x is None:
+                return None
+            source = x.unflatten(dim, (-1, k)).select(dim + 1, 0)
+            if not torch.equal(source.repeat_interleave(k, dim=dim), x):
+                raise RuntimeError(
+                    f"generate() expanded the batch {k} times but the copies of a sample differ at prefill: vtc cannot "
+                    "give every copy its source sample's selection"
+                )
+            return source
+
+        self.handle.adapter.collapse_rows(k)
+        call["expand"] = 1
+        try:
+            out = self.forward(
+                input_ids=one_copy(input_ids),
+                attention_mask=one_copy(attention_mask),
+                position_ids=one_copy(position_ids, 1 if position_ids is not None and position_ids.dim() == 3 else 0),
+                past_key_values=cache,
+                inputs_embeds=one_copy(embeds),
+                use_cache=use_cache,
+                **kwargs,
+            )
+        finally:
+            call["expand"] = k
+        if out.past_key_values is not None:
+            out.past_key_values.batch_repeat_interleave(k)
+        out.last_hidden_state = out.last_hidden_state.repeat_interleave(k, dim=0)
+        if out.hidden_states is not None:
+            out.hidden_states = tuple(h.repeat_interleave(k, dim=0) for h in out.hidden_states)
+        return out
+
+    def _prefill_then_decode(self, prompt, embeds, visual, attention_mask, position_ids, cache, want_hidden):
+        """Prefill the first `prompt` tokens (the selection sees the prompt only), then decode the rest in one step."""
+        if want_hidden:
+            raise NotImplementedError(
+                "output_hidden_states with assisted decoding on a vtc-patched model: drop output_hidden_states"
+            )
+        head = self._prefill(
+            embeds[:, :prompt],
+            visual[:, :prompt],
+            attention_mask[:, :prompt] if attention_mask is not None else None,
+            position_ids[..., :prompt] if position_ids is not None else None,
+            cache,
+            True,
+            False,
+        )
+        tail = self._decode(
+            cache_state(head.past_key_values),
+            embeds[:, prompt:],
+            attention_mask,
+            position_ids[..., prompt:] if position_ids is not None else None,
+        )
+        hidden = torch.cat([head.last_hidden_state, tail.last_hidden_state], dim=1)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=head.past_key_values)
 
     # ------------------------------------------------------------------------------------------------
     def _prefill(self, embeds, visual, attention_mask, position_ids, cache, use_cache, want_hidden):
@@ -308,7 +468,13 @@ class PrunedDecoder:
             layer_valid = [
                 next(s for s in reversed(segments) if s.start_layer <= i).valid for i in range(len(self.layers))
             ]
-            self.state = CacheState(cache, length, segments, layer_valid)
+            extras = {}
+            if position_ids.dim() == 3:  # M-RoPE: decode positions continue at the logical index + this delta
+                top = position_ids.masked_fill(~valid, -1).amax(dim=(0, 2))
+                extras["rope_deltas"] = (top + 1 - valid.sum(1))[:, None]
+            self.state = CacheState(cache, length, segments, layer_valid, extras=extras)
+            cache.__class__ = PrunedCache  # the same object generate() holds; see PrunedCache
+            cache.vtc_state = self.state
             if kv is not None:
                 kv.after_prefill(self.state)
         if n_visual:
@@ -453,7 +619,7 @@ class PrunedDecoder:
         b, length = seq.valid.shape
         device = seq.hidden.device
         if strategy.text_queries == "last":
-            query_index = torch.full((b, 1), length - 1, dtype=torch.long, device=device)
+            query_index = last_valid_index(seq.valid)[:, None]  # right padding: the real last token
             query_weight = torch.ones(b, 1, device=device)
         else:  # every valid text token, averaged
             is_text = (seq.vis_index < 0) & seq.valid
@@ -472,8 +638,13 @@ class PrunedDecoder:
         return probe
 
     # ------------------------------------------------------------------------------------------------
-    def _decode(self, embeds, attention_mask, position_ids):
-        state, kv = self.state, self.handle.kv_policy
+    def _decode(self, state: CacheState, embeds, attention_mask, position_ids):
+        kv = self.handle.kv_policy
+        if kv is not None and kv._state is not state:
+            raise NotImplementedError(
+                "this cache is not the one of this thread's last prefill, and the KV policy keeps its eviction state "
+                "for that one only: continue a cache right after the call that returned it, or patch without kv="
+            )
         b, q, _ = embeds.shape
         device = embeds.device
         if position_ids is None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import torch
 
+from ..local import PerThread
 from .base import Adapter, CapturedUnits, register_adapter
 from .decoder import VisualLayout
 
@@ -118,17 +119,19 @@ def infer_tile_grid(tiles: torch.Tensor, size: int = 16) -> tuple[int, int]:
 class InternVLAdapter(CapturedUnits, Adapter):
     name = "internvl"
     model_classes = ("InternVLForConditionalGeneration",)
+    vision_records = True  # units, grids and tiles come from the vision call
     unit_names = "tile"
+    # per thread (see Adapter)
+    _calls = PerThread([])  # per vision-tower run: its tiles' pixels and probes
+    _calls_used = PerThread(False)
+    _pending_mask = PerThread(None)
+    _layout = PerThread(None)
+    _unit_probes = PerThread({})
+    last_layout = PerThread(None)  # the units (tiles, thumbnails, frames) of the last prefill
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
-        self._calls: list[dict] = []  # per vision-tower run: its tiles' pixels and probes
-        self._calls_used = False
-        self._pending_mask: torch.Tensor | None = None
-        self._layout: VisualLayout | None = None
-        self._unit_probes: dict[str, dict[int, torch.Tensor]] = {}
         self._groups: torch.Tensor | None = None
-        self.last_layout: VisualLayout | None = None  # the units (tiles, thumbnails, frames) of the last prefill
 
     # --- model facts ----------------------------------------------------------------------------
     @property
@@ -199,6 +202,11 @@ class InternVLAdapter(CapturedUnits, Adapter):
         super().uninstall()
         self._calls, self._calls_used = [], False
         self._pending_mask, self._layout, self._unit_probes = None, None, {}
+
+    def collapse_rows(self, k: int) -> None:
+        super().collapse_rows(k)
+        if self._pending_mask is not None:
+            self._pending_mask = self._pending_mask[::k]
 
     def _capture_inputs(self, module, args, kwargs):
         """Inner-model pre-hook: which tokens are `<IMG_CONTEXT>`; a forward with pixel values starts afresh."""

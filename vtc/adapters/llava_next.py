@@ -44,6 +44,7 @@ import inspect
 
 import torch
 
+from ..local import PerThread
 from ..probes import vit_attention_received
 from .base import CapturedUnits, register_adapter
 from .decoder import VisualLayout
@@ -70,18 +71,20 @@ class LlavaNextAdapter(CapturedUnits, LlavaAdapter):
     name = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
     unit_names = "image/frame"
+    vision_records = True  # units, grids and tiles come from the vision call
     vision_merge = False  # ToMe in the tower: LLaVA-1.5 only (crops would need the merge probe through packing)
     has_video = False
+    # per thread (see Adapter): what this thread's vision tower and prompt gave
+    _raw_probes = PerThread({})  # kind -> layer -> rows of the tower's last call
+    _records = PerThread({})  # "image"/"video" -> [_Record] of the last vision call
+    _pending_masks = PerThread(None)  # "image"/"video" -> (B, L) bool
+    _layout = PerThread(None)
+    _unit_probes = PerThread({})
+    last_layout = PerThread(None)
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
-        self._raw_probes: dict[str, dict[int, torch.Tensor]] = {}
-        self._records: dict[str, list[_Record] | None] = {}
-        self._pending_masks: dict[str, torch.Tensor] | None = None
-        self._layout: VisualLayout | None = None
-        self._unit_probes: dict[str, dict[int, torch.Tensor]] = {}
         self._wrapped: list[str] = []
-        self.last_layout: VisualLayout | None = None
 
     # --- model facts ----------------------------------------------------------------------------
     def tokens_per_image(self) -> int | None:
@@ -180,6 +183,11 @@ class LlavaNextAdapter(CapturedUnits, LlavaAdapter):
         self._wrapped.clear()
         super().uninstall()
         self._raw_probes, self._records, self._pending_masks, self._layout = {}, {}, None, None
+
+    def collapse_rows(self, k: int) -> None:
+        super().collapse_rows(k)
+        if self._pending_masks is not None:
+            self._pending_masks = {kind: mask[::k] for kind, mask in self._pending_masks.items()}
 
     # --- what the vision side produced ------------------------------------------------------------
     def _after_pack(self, original, bound, out) -> None:

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import torch
 
+from ..local import PerThread
 from ..probes import rotate_half
 from .base import Adapter, register_adapter
-from .decoder import VisualLayout
+from .decoder import VisualLayout, cache_state
 
 CLS_SURROGATE = (
     "Qwen-VL has no [CLS]: the 'cls' probe is the attention each merged token receives at that vision layer "
@@ -110,15 +111,14 @@ def merged_keys(k: torch.Tensor, unit: int) -> torch.Tensor:
 class QwenVLAdapter(Adapter):
     name = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    vision_records = True  # units, grids and tiles come from the vision call
     notes: list[str] = []  # set at install: names the [CLS] surrogate when the strategy reads it
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__(model)
-        self._pending_kinds: torch.Tensor | None = None
-        self._vision_calls: list[dict] = []
-        self._calls_used = False
-        self._grids_given: dict = {}
-        self.last_layout: VisualLayout | None = None  # the units (images, video frames) of the last prefill
+    # per thread (see Adapter)
+    _pending_kinds = PerThread(None)  # (B, L): 1 image token, 2 video token
+    _vision_calls = PerThread([])  # per vision-tower run: its grid, probes and patches
+    _calls_used = PerThread(False)
+    _grids_given = PerThread({})
+    last_layout = PerThread(None)  # the units (images, video frames) of the last prefill
 
     @property
     def visual(self) -> torch.nn.Module:
@@ -167,13 +167,18 @@ class QwenVLAdapter(Adapter):
         self._vision_calls = []
         self._grids_given = {}
 
+    def collapse_rows(self, k: int) -> None:
+        super().collapse_rows(k)
+        if self._pending_kinds is not None:
+            self._pending_kinds = self._pending_kinds[::k]
+
     def _capture_inputs(self, module, args, kwargs):
         """Outer-model pre-hook: which tokens are images (1) / videos (2); logical decode positions."""
         config = self.model.config
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
-        state = self.decoder.state if self.decoder is not None else None
-        if state is not None and cache is not None and cache is state.cache and cache.get_seq_length() > 0:
+        state = cache_state(cache)
+        if state is not None and cache.get_seq_length() > 0:
             if kwargs.get("position_ids") is None:
                 embeds = kwargs.get("inputs_embeds")
                 shape = input_ids.shape if input_ids is not None else embeds.shape[:2]
@@ -217,7 +222,7 @@ class QwenVLAdapter(Adapter):
             text = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, -q:]
         else:
             text = (state.logical_len + state.decoded + torch.arange(q, device=device)).expand(b, -1)
-        delta = self.inner.rope_deltas
+        delta = state.extras.get("rope_deltas")  # of this cache's prefill (the model's own is the last call's)
         if delta is None:
             delta = torch.zeros(b, 1, dtype=torch.long, device=device)
         delta = delta.to(device).repeat_interleave(b // delta.shape[0], dim=0)
@@ -229,9 +234,7 @@ class QwenVLAdapter(Adapter):
         positions = kwargs.get("position_ids")
         if positions is None or positions.dim() != 3 or positions.shape[0] != 4:
             return args, kwargs
-        state = self.decoder.state if self.decoder is not None else None
-        cache = kwargs.get("past_key_values")
-        ours = (state is not None and cache is state.cache) or (
+        ours = cache_state(kwargs.get("past_key_values")) is not None or (
             self._pending_visual is not None and bool(self._pending_visual.any())
         )
         if ours or self.decoder.handle.kv_policy is not None:
@@ -310,6 +313,8 @@ class QwenVLAdapter(Adapter):
 
     def visual_layout(self, visual: torch.Tensor, n_visual: int) -> VisualLayout:
         kinds = self._pending_kinds
+        if kinds is not None and kinds.shape[1] > visual.shape[1] and not bool(kinds[:, visual.shape[1] :].any()):
+            kinds = kinds[:, : visual.shape[1]]  # a prefill of the prompt alone (assisted decoding's first candidates)
         if kinds is None or kinds.shape != visual.shape:
             raise RuntimeError("vtc did not see this forward's input ids: call the model itself, not its parts")
         flat_kinds = kinds[visual]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ..local import PerThread
 from .base import register_adapter
 from .qwen2_vl import QwenVLAdapter
 
@@ -35,9 +36,13 @@ class Qwen3VLAdapter(QwenVLAdapter):
     name = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__(model)
-        self._deepstack: list[torch.Tensor] | None = None  # per injected layer, (n_visual, D) of this prefill
+    _deepstack = PerThread(None)  # per injected layer, (n_visual, D) of this thread's prefill
+
+    def collapse_rows(self, k: int) -> None:
+        if self._deepstack is not None and self._pending_visual is not None:  # the features of one copy per sample
+            first_copy = self._pending_visual.nonzero()[:, 0] % k == 0
+            self._deepstack = [features[first_copy.to(features.device)] for features in self._deepstack]
+        super().collapse_rows(k)
 
     def install_capture(self, handle) -> None:
         super().install_capture(handle)

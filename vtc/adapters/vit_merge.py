@@ -33,6 +33,7 @@ import torch
 
 from .. import ops
 from ..kernels.reference import merge_wavg
+from ..local import PerThread
 
 
 @dataclass
@@ -79,14 +80,15 @@ class TowerMerge:
     only); `remove()` restores the layers exactly. plan: `vision_merge_plan`'s dict; `schedule[l]` tokens
     are merged in layer l; after layer `plan["layer"]`, `on_report(state)` is called."""
 
+    state = PerThread(None)  # the merge state of this thread's tower call
+    _keys = PerThread(None)
+
     def __init__(self, layers, plan: dict, on_report):
         self.layers = layers
         self.schedule = list(plan["schedule"]) + [0] * (len(layers) - len(plan["schedule"]))
         self.prop_attn = bool(plan["prop_attn"])
         self.report_layer = plan["layer"]
         self.on_report = on_report
-        self.state: MergeState | None = None
-        self._keys: torch.Tensor | None = None
         self._handles = []
         for index, layer in enumerate(layers):
             layer.forward = self._layer_forward(index, layer)

@@ -33,6 +33,7 @@ from typing import ClassVar
 
 import torch
 
+from ..local import PerThread
 from ..probes import project_qk
 
 
@@ -97,6 +98,17 @@ class KVPolicy:
     evict_at_decode: ClassVar[bool] = True
     needs_prefill_scores: ClassVar[bool] = False
     needs_decode_scores: ClassVar[bool] = False
+    # per call, so per thread (threads sharing one patched model keep their own caches)
+    meta = PerThread([])
+    prefill_scores = PerThread({})
+    _pending = PerThread({})
+    _prompt_entries = PerThread([])
+    _kept_after_prefill = PerThread([])
+    _visual_after_prefill = PerThread([])
+    _next_position = PerThread(None)
+    bytes_now = PerThread(0)
+    peak_bytes = PerThread(0)
+    _state = PerThread(None)
 
     def __init__(self, budget: int):
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:

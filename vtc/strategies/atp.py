@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..budget import tokens_to_keep
+from ..local import PerThread
 from ..probes import project_qk
 from .base import Strategy, VisualTokens, check_weights_width, read_safetensors, register_strategy, top_k_sorted
 
@@ -240,6 +241,8 @@ class ATP(Strategy):
     default_keep = 0.25
     needs_keys = True
     text_queries = "last"
+    _cache = PerThread(None)  # this thread's last stage scores (per call)
+    _entering = PerThread({})  # fallback: tokens of each image at the first module, this thread's call
 
     def __init__(
         self,

@@ -22,6 +22,12 @@ import torch
 from ..budget import tokens_to_keep, validate_keep
 
 
+def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last valid token: the last prompt token under left padding and under right padding."""
+    length = valid.shape[1]
+    return length - 1 - valid.flip(1).long().argmax(dim=1)
+
+
 @dataclass
 class VisualTokens:
     """The visual tokens of a group of images that share one token grid.

@@ -40,7 +40,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import Strategy, VisualTokens, check_weights_width, read_safetensors, register_strategy
+from ..local import PerThread
+from .base import (
+    Strategy,
+    VisualTokens,
+    check_weights_width,
+    last_valid_index,
+    read_safetensors,
+    register_strategy,
+)
 
 ROUTER_HIDDEN = 2048
 
@@ -116,7 +124,7 @@ def router_features(seq, tail: torch.Tensor | None = None) -> torch.Tensor:
     hidden, valid, vis = seq.hidden.float(), seq.valid, seq.vis_index
     b, length, _ = hidden.shape
     pos = torch.arange(length, device=hidden.device).expand(b, -1)
-    last = torch.full((b,), length - 1, dtype=torch.long, device=hidden.device)
+    last = last_valid_index(valid)  # the last prompt token, also under right padding
     if tail is not None:
         last = last - tail.to(hidden.device)
     is_vis = (vis >= 0) & valid
@@ -135,6 +143,7 @@ class DyVTE(Strategy):
     paper = "Wu et al., Dynamic Visual-Token Exit (DoubtedSteam/DyVTE)"
     default_keep = 1.0
     text_queries = "last"
+    _stage_exits = PerThread(None)  # this thread's exits of the current prefill
 
     def __init__(
         self,

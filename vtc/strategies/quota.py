@@ -66,6 +66,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..local import PerThread
 from .base import Strategy, VisualTokens, register_strategy
 from .tome import merge_to_budget
 
@@ -183,6 +184,10 @@ class QuoTA(Strategy):
     stage = "pre_llm"
     paper = "Luo et al., QuoTA, arXiv:2503.08689, 2025"
     default_keep = 0.25
+    # this thread's last prefill
+    last_plan = PerThread([])
+    last_prompts = PerThread({})
+    _layout = PerThread(None)
 
     def __init__(
         self,
