@@ -99,8 +99,9 @@ def _lmms_eval(tmp_path: Path, name: str, launcher: list[str], model_args: str, 
     seconds = time.perf_counter() - started
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
-    (results_file,) = glob.glob(str(out / "*" / "*_results.json"))
-    results = json.loads(Path(results_file).read_text())
+    found = glob.glob(str(out / "*" / "*_results.json"))
+    assert len(found) == 1, f"results files {found}\n{log[-4000:]}"
+    results = json.loads(Path(found[0]).read_text())
     samples = {}
     for task in ("vtc_scene_qa", "vtc_scene_qa_mc"):
         (samples_file,) = glob.glob(str(out / "*" / f"*_samples_{task}.jsonl"))
