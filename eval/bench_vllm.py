@@ -1,0 +1,171 @@
+"""vtc inside vLLM: requests/s and time to first token, a vtc engine vs the unpatched engine, same settings.
+
+Two engines in one run, with identical engine arguments (random weights: `load_format="dummy"`, no download):
+the unpatched one, and one with `hf_overrides=vtc.integrations.vllm.overrides(strategy)` whose keep is set per
+request (`mm_processor_kwargs={"vtc_keep": k}`), so every keep runs on the same engine. For each setting:
+- requests/s: `--requests` prompts with distinct images submitted at once, `--max-tokens` greedy tokens each;
+- TTFT: median wall time of one request with max_tokens=1, over `--ttft-runs` distinct images (prefix caching off,
+  so each run encodes and prefills its image).
+Times are wall-clock in one process; compare the ratios (vtc / unpatched) of one run.
+
+    python eval/bench_vllm.py                        # CPU: a mid-size LLaVA-1.5 shape (576 visual tokens)
+    python eval/bench_vllm.py --arch llava-1.5-7b    # GPU: LLaVA-1.5-7B's architecture, random weights
+    python eval/bench_vllm.py --arch tiny --requests 8 --ttft-runs 3   # smoke run
+
+Run it with the vLLM venv (`make vllm-setup`): `.venv-vllm/bin/python eval/bench_vllm.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ARCHS = {
+    # name: (tiny_llava_config kwargs, vision tower kwargs, engine dtype)
+    "tiny": dict(image_size=84, text_hidden=256),
+    "cpu-mid": dict(image_size=336, vision_layers=4, vision_hidden=256, text_layers=8, text_hidden=512),
+    "llava-1.5-7b": "llava-1.5-7b",
+}
+
+
+def llava_15_7b_config():
+    """LLaVA-1.5-7B's architecture (CLIP ViT-L/14-336 + Llama-2-7B, llava-hf/llava-1.5-7b-hf's config.json)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from vtc.testing import IMAGE_TOKEN, tiny_tokenizer
+
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+        patch_size=14, projection_dim=768,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tiny_tokenizer().convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
+    )  # fmt: skip
+
+
+def write_model(arch: str, path: Path) -> int:
+    """config.json and processor files of `arch` in `path` (weights: vLLM's dummy loader). Returns the image side."""
+    from vtc.testing import tiny_llava_config, tiny_llava_processor
+
+    if arch == "llava-1.5-7b":
+        config = llava_15_7b_config()
+    else:
+        config = tiny_llava_config("llama", **ARCHS[arch])
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.save_pretrained(path)
+    size = config.vision_config.image_size
+    tiny_llava_processor(image_size=size, patch_size=config.vision_config.patch_size).save_pretrained(path)
+    return size
+
+
+def engine(path: Path, dtype: str, hf_overrides: dict | None):
+    from vllm import LLM
+
+    return LLM(
+        model=str(path), load_format="dummy", dtype=dtype, max_model_len=2048, seed=0, enforce_eager=True,
+        enable_prefix_caching=False, limit_mm_per_prompt={"image": 1}, hf_overrides=hf_overrides,
+    )  # fmt: skip
+
+
+def measure(llm, size: int, keep, args, seed0: int) -> dict:
+    from vllm import SamplingParams
+
+    from vtc.testing import make_image
+
+    def request(seed: int) -> dict:
+        image = make_image(seed, size)
+        r = {"prompt": "USER: <image>\nWhat is in the image? ASSISTANT:", "multi_modal_data": {"image": image}}
+        if keep is not None:
+            r["mm_processor_kwargs"] = {"vtc_keep": keep}
+        return r
+
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([request(seed0 - 1)], one, use_tqdm=False)  # warm-up
+    ttft = []
+    for i in range(args.ttft_runs):
+        start = time.perf_counter()
+        out = llm.generate([request(seed0 + i)], one, use_tqdm=False)
+        ttft.append(time.perf_counter() - start)
+    prompt_tokens = len(out[0].prompt_token_ids)
+    many = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    batch = [request(seed0 + 1000 + i) for i in range(args.requests)]
+    start = time.perf_counter()
+    llm.generate(batch, many, use_tqdm=False)
+    wall = time.perf_counter() - start
+    ttft_s = statistics.median(ttft)
+    return {"keep": keep, "prompt_tokens": prompt_tokens, "ttft_s": ttft_s, "req_per_s": args.requests / wall}
+
+
+def close(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="cpu-mid", choices=sorted(ARCHS))
+    parser.add_argument("--strategy", default="vtc_cls")
+    parser.add_argument("--keeps", default="0.1,0.25,0.5")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--ttft-runs", type=int, default=5)
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--out", default=None, help="write the table (markdown) and the numbers (.json) here")
+    args = parser.parse_args()
+
+    import torch
+
+    from vtc.integrations.vllm import overrides
+
+    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    keeps = [float(k) for k in args.keeps.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        size = write_model(args.arch, Path(tmp))
+        llm = engine(Path(tmp), dtype, None)
+        rows.append({"setting": "unpatched", **measure(llm, size, None, args, seed0=10)})
+        close(llm)
+        llm = engine(Path(tmp), dtype, overrides(args.strategy, keep=keeps[0]))
+        for keep in keeps:
+            rows.append({"setting": f"{args.strategy} keep={keep}", **measure(llm, size, keep, args, seed0=10)})
+        close(llm)
+    base = rows[0]
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
+    lines = [
+        f"vtc in vLLM: {args.arch} (random weights), {dtype}, {device}, {datetime.date.today()}; "
+        f"{args.requests} requests x {args.max_tokens} tokens, TTFT median of {args.ttft_runs}",
+        "",
+        "| setting | prompt tokens | TTFT (s) | TTFT vs unpatched | requests/s | requests/s vs unpatched |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['prompt_tokens']} | {r['ttft_s']:.3f} | {r['ttft_s'] / base['ttft_s']:.2f}x | "
+            f"{r['req_per_s']:.2f} | {r['req_per_s'] / base['req_per_s']:.2f}x |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.write_text(table + "\n")
+        meta = {"arch": args.arch, "dtype": dtype, "device": device, "date": str(datetime.date.today()), "rows": rows}
+        out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+if __name__ == "__main__":  # vLLM's engine workers are spawned: the guard keeps them from rerunning main()
+    main()
