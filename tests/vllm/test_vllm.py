@@ -28,7 +28,7 @@ vllm = pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 import vtc  # noqa: E402
-from vtc.integrations.vllm import make_strategy, overrides  # noqa: E402
+from vtc.integrations.vllm import SERVED, make_strategy, overrides, request_settings, served_budget  # noqa: E402
 from vtc.integrations.vllm.checkpoint import save_for_vllm  # noqa: E402
 from vtc.integrations.vllm.select import select_images  # noqa: E402
 from vtc.probes import vit_attention_received, vit_cls_attention, vit_keys  # noqa: E402
@@ -37,11 +37,14 @@ from vtc.testing import make_image, tiny_llava, tiny_llava_processor  # noqa: E4
 HF_PROBES = {"cls": vit_cls_attention, "received": vit_attention_received, "keys": vit_keys}
 QUESTIONS = ["What is in the image?", "How many objects are there? Answer with one word.", "Where is it?"]
 MAX_TOKENS = 8
-STRATEGIES = os.environ.get("VTC_VLLM_STRATEGIES", "vtc_cls").split(",")  # `make vllm-test-all`: every one
+
+
+SYSTEM = "A chat between a curious user and an assistant. The assistant gives helpful answers to the questions."
 
 
 def prompt(question: str, n_images: int = 1) -> str:
-    return "USER: " + "<image>\n" * n_images + question + " ASSISTANT:"
+    """LLaVA-1.5's prompt format, with a system line long enough to fill the first prefix-cache blocks."""
+    return SYSTEM + " USER: " + "<image>\n" * n_images + question + " ASSISTANT:"
 
 
 @pytest.fixture(scope="module")
@@ -93,20 +96,20 @@ def hf_tokens(model, **inputs) -> list[int]:
     return out[0, -MAX_TOKENS:].tolist()
 
 
-def hf_compact(hf, question, images, settings, keep=None):
+def hf_compact(hf, question, images, settings):
     """The unpatched HF model on the compacted sequence: (prompt length, greedy tokens, kept per image, HF's
-    visual features (I, N, D), the kept or merged features per image)."""
+    visual features (I, N, D), the kept or merged features per image). `settings`: the request's vtc settings."""
     model, _ = hf
     inputs = hf_inputs(hf, question, images)
-    strategy = make_strategy({**settings, "keep": keep if keep is not None else settings.get("keep")})
     vision = model.config.vision_config
-    n_layers, layer = vision.num_hidden_layers, model.config.vision_feature_layer
+    n_layers, feature_layer = vision.num_hidden_layers, vision.num_hidden_layers + model.config.vision_feature_layer
     probes: dict = {}
     hooks = []
     tower = model.model.vision_tower
     tower_layers = getattr(tower, "vision_model", tower).encoder.layers
-    for kind, layer_ids in strategy.vision_probes(n_layers, n_layers + layer).items():
+    for kind, layer_ids in make_strategy(settings).vision_probes(n_layers, feature_layer).items():
         for i in layer_ids:
+
             def hook(module, args, kwargs, kind=kind, i=i):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
                 probes.setdefault(kind, {})[i] = HF_PROBES[kind](module, hidden)[..., 1:]
@@ -119,9 +122,8 @@ def hf_compact(hf, question, images, settings, keep=None):
     for h in hooks:
         h.remove()
     n_tokens = features.shape[1]
-    budget = strategy.stage_budget(n_tokens, n_tokens, "pre_llm")
     side = vision.image_size // vision.patch_size
-    kept = select_images(strategy, features, (side, side), [budget] * len(images), probes)
+    kept = select_images([settings] * len(images), features, (side, side), probes, (n_layers, feature_layer))
     ids = inputs["input_ids"][0]
     is_image = ids == model.config.image_token_id
     embeds = model.get_input_embeddings()(ids[None])[0]
@@ -133,14 +135,14 @@ def hf_compact(hf, question, images, settings, keep=None):
     pieces.append(embeds[start:])
     compact = torch.cat(pieces)[None]
     tokens = hf_tokens(model, inputs_embeds=compact, attention_mask=torch.ones(compact.shape[:2], dtype=torch.long))
-    return compact.shape[1], tokens, budget, features, kept
+    return compact.shape[1], tokens, features, kept
 
 
-def vtc_patch_kept(hf, question, images, settings, keep=None) -> list[torch.Tensor]:
+def vtc_patch_kept(hf, question, images, settings) -> list[torch.Tensor]:
     """Per image, the indices of the visual tokens `vtc.patch` keeps on the same HF model and input."""
     model, _ = hf
     options = {k: v for k, v in settings.items() if k not in ("strategy", "keep")}
-    keep = keep if keep is not None else make_strategy(settings).keep
+    keep = make_strategy(settings).keep
     with vtc.patched(model, settings["strategy"], keep=keep, **options) as handle:
         with torch.no_grad():
             model(**hf_inputs(hf, question, images))
@@ -165,51 +167,65 @@ def test_plain_engine_equals_transformers(model_dir, hf):
         assert list(out.outputs[0].token_ids) == hf_tokens(hf[0], **inputs)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_vtc_engine_equals_transformers(model_dir, hf, strategy):
-    """A vtc engine: prompts shrink by exactly the dropped tokens; greedy tokens equal HF on the compacted
-    sequence; per-request keep; mixed batches with one and two images; prefix caching and chunked prefill on."""
-    settings = overrides(strategy, keep=0.25)["vtc"]
-    llm = make_engine(
-        model_dir,
-        hf_overrides={"vtc": settings},
-        enable_prefix_caching=True,
-        enable_chunked_prefill=True,
-        max_num_batched_tokens=48,  # shorter than the prompts: prefills run in chunks
-        block_size=16,  # prefix caching keeps full blocks only: blocks shorter than the prompts
-    )
-    cases = [  # (question, image seeds, per-request keep)
-        (QUESTIONS[0], [0], None),
-        (QUESTIONS[1], [1], 0.1),
-        (QUESTIONS[2], [2, 3], None),
-        (QUESTIONS[0], [4], 1.0),
-        (QUESTIONS[1], [0], 5),
+def vtc_cases() -> list[tuple[str, list[int], dict]]:
+    """(question, image seeds, mm_processor_kwargs): every served strategy on one image at the engine's keep
+    (vtc_cls) or its paper default, then per-request keeps (fraction, all, token count) and a two-image prompt;
+    `make vllm-test-all` (VTC_VLLM_ALL=1) runs the per-request keeps and two images for every strategy."""
+    cases = [
+        (QUESTIONS[i % 3], [i], {} if name == "vtc_cls" else {"vtc_strategy": name}) for i, name in enumerate(SERVED)
     ]
+    for name in SERVED if os.environ.get("VTC_VLLM_ALL") else ["vtc_cls"]:
+        request = {} if name == "vtc_cls" else {"vtc_strategy": name}
+        cases += [
+            (QUESTIONS[1], [10], {**request, "vtc_keep": 0.1}),
+            (QUESTIONS[2], [11, 12], request),
+            (QUESTIONS[0], [13], {**request, "vtc_keep": 1.0}),
+            (QUESTIONS[1], [14], {**request, "vtc_keep": 5}),
+        ]
+    return cases
+
+
+def test_vtc_engine_equals_transformers(model_dir, hf):
+    """One vtc engine (vtc_cls, keep 0.25), every served strategy through per-request mm_processor_kwargs: prompts
+    shrink by exactly the dropped tokens; greedy tokens equal HF on the compacted sequence and the kept tokens are
+    those vtc.patch keeps; mixed batches with one and two images; prefix caching and chunked prefill on."""
+    engine_settings = overrides("vtc_cls", keep=0.25)["vtc"]
+    cases = vtc_cases()
     requests = []
-    for question, seeds, keep in cases:
+    for question, seeds, kwargs in cases:
         images = [make_image(s) for s in seeds]
         request = {"prompt": prompt(question, len(seeds)), "multi_modal_data": {"image": images}}
-        if keep is not None:
-            request["mm_processor_kwargs"] = {"vtc_keep": keep}
+        if kwargs:
+            request["mm_processor_kwargs"] = kwargs
         requests.append(request)
+    llm = make_engine(
+        model_dir,
+        hf_overrides={"vtc": engine_settings},
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=48,  # shorter than the longer prompts: their prefills run in chunks
+        block_size=32,  # the CPU backend's smallest; prefix caching keeps full blocks only
+    )
     try:
         first = llm.generate(requests, greedy())
         again = llm.generate(requests, greedy())  # the prefixes are cached now
     finally:
         close(llm)
-    for (question, seeds, keep), out, out2 in zip(cases, first, again):
+    for (question, seeds, kwargs), out, out2 in zip(cases, first, again):
+        settings = request_settings(engine_settings, kwargs)
         images = [make_image(s) for s in seeds]
         full = hf_inputs(hf, question, images)["input_ids"].shape[1]
-        length, tokens, budget, features, kept = hf_compact(hf, question, images, settings, keep)
+        length, tokens, features, kept = hf_compact(hf, question, images, settings)
         n_tokens = 36  # 84 px / 14 px patches: a 6 x 6 grid per image
-        assert len(out.prompt_token_ids) == length == full - len(images) * (n_tokens - budget)
-        assert list(out.outputs[0].token_ids) == tokens, (question, seeds, keep)
+        budget = served_budget(make_strategy(settings), n_tokens)
+        assert len(out.prompt_token_ids) == length == full - len(images) * (n_tokens - budget), (settings, seeds)
+        assert list(out.outputs[0].token_ids) == tokens, (settings, seeds)
         assert list(out2.outputs[0].token_ids) == tokens
-        assert out2.num_cached_tokens > 0
-        merges = strategy == "downsample" and keep != 1.0  # kept tokens are pooled cells, not a subset
+        assert out2.num_cached_tokens >= 32 * ((len(out.prompt_token_ids) - 1) // 32) > 0  # full blocks reused
+        merges = settings["strategy"] in ("downsample", "visionzip", "tome") and budget < n_tokens
         if len(images) == 1 and not merges:  # the same tokens as vtc.patch keeps (one image: same seed for random)
-            for image, kept_by_patch in enumerate(vtc_patch_kept(hf, question, images, settings, keep)):
-                assert torch.equal(kept[image], features[image, kept_by_patch])
+            for image, kept_by_patch in enumerate(vtc_patch_kept(hf, question, images, settings)):
+                assert torch.equal(kept[image], features[image, kept_by_patch]), settings
 
 
 def _free_port() -> int:
@@ -218,52 +234,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_openai_server_image_url(model_dir):
-    """The OpenAI-compatible server on loopback with the README's --hf-overrides answers an image_url request,
-    billing the shorter prompt; a plain request to the same model would bill the full image."""
+def test_openai_server_image_url(model_dir, hf):
+    """The OpenAI-compatible server on loopback, started with the README's --hf-overrides, answers an image_url
+    chat request and bills the shorter prompt; a request's own keep (--trust-request-mm-kwargs) bills the full one."""
     import base64
     import io
 
     port = _free_port()
-    keep = 0.25
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--dtype", "float32",
         "--max-model-len", "512", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-        "--hf-overrides", json.dumps(overrides("vtc_cls", keep=keep)),
+        "--hf-overrides", json.dumps(overrides("vtc_cls", keep=0.25)), "--trust-request-mm-kwargs",
     ]  # fmt: skip
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
+        deadline = time.time() + 900
+        while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
                 break
             except OSError:
                 assert server.poll() is None, "the server exited while starting"
+                assert time.time() < deadline, "the server did not start in 15 minutes"
                 time.sleep(5)
         buffer = io.BytesIO()
         make_image(0).save(buffer, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTIONS[0]}]
 
         def ask(extra: dict) -> dict:
-            body = {
-                "model": model_dir,
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTIONS[0]}]}],
-                "max_tokens": 4, "temperature": 0.0, **extra,
-            }  # fmt: skip
+            body = {"model": model_dir, "messages": [{"role": "user", "content": content}], "max_tokens": 4,
+                    "temperature": 0.0, **extra}  # fmt: skip
             request = urllib.request.Request(
                 f"http://127.0.0.1:{port}/v1/chat/completions",
                 data=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json"},
             )
-            return json.load(urllib.request.urlopen(request, timeout=120))
+            return json.load(urllib.request.urlopen(request, timeout=300))
 
         short = ask({})
         full = ask({"mm_processor_kwargs": {"vtc_keep": 1.0}})
     finally:
         server.terminate()
-        server.wait(timeout=60)
-    assert short["choices"][0]["message"]["content"] is not None
-    dropped = 36 - round(36 * keep)
-    assert full["usage"]["prompt_tokens"] - short["usage"]["prompt_tokens"] == dropped
+        server.wait(timeout=120)
+    _, processor = hf
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}],
+        add_generation_prompt=True,
+    )
+    unpatched = processor(images=[make_image(0)], text=[text], return_tensors="pt")["input_ids"].shape[1]
+    assert short["choices"][0]["message"]["content"]
+    assert short["usage"]["prompt_tokens"] == unpatched - (36 - 9)  # keep 0.25: 9 of 36 tokens
+    assert full["usage"]["prompt_tokens"] == unpatched
+
+
+def test_readme_serving_example(tmp_path):
+    """The README's "Serving with vLLM" Python example runs as written and prints the prompt lengths it states."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Serving with vLLM", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    script = tmp_path / "serve_tiny.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[19, 14]" in done.stdout.splitlines(), done.stdout[-3000:]  # vLLM logs to stdout too

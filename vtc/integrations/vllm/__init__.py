@@ -34,7 +34,7 @@ from ...strategies.base import build_strategy, get_strategy_class
 
 # Strategies served: pre-LLM, text-agnostic, with a budget fixed by the image size (vLLM fixes the placeholder
 # count before the model runs, and its encoder cache shares an image's embedding across prompts).
-SERVED = ("vtc_cls", "random", "downsample")
+SERVED = ("vtc_cls", "fopru", "visionzip", "hired", "tome", "todre", "random", "downsample")
 
 # Refused, with the reason (the name a user passes is normalised to the strategy's canonical name first).
 REFUSED = {
@@ -56,7 +56,8 @@ MODELS = {
     "LlavaForConditionalGeneration": "vtc.integrations.vllm.llava:VtcLlavaForConditionalGeneration",
 }
 
-KEEP_KWARG = "vtc_keep"  # the per-request budget in mm_processor_kwargs
+KEEP_KWARG = "vtc_keep"  # a request's keep, in its mm_processor_kwargs
+STRATEGY_KWARG = "vtc_strategy"  # a request's strategy (with its default options), in its mm_processor_kwargs
 
 
 def overrides(strategy: str, keep: float | int | None = None, **options) -> dict:
@@ -70,10 +71,18 @@ def overrides(strategy: str, keep: float | int | None = None, **options) -> dict
         raise ValueError(f"strategy {strategy!r} cannot run inside vLLM: {REFUSED[name]}; served: {', '.join(SERVED)}")
     if name not in SERVED:
         raise ValueError(f"strategy {strategy!r} is not served by vtc's vLLM plug-in yet; served: {', '.join(SERVED)}")
+    if name == "todre":
+        if options.get("stage2"):
+            raise ValueError(
+                "todre's stage 2 prunes inside the decoder (in-LLM), which vLLM cannot serve: pass stage2=False"
+            )
+        options["stage2"] = False  # stage 1 only: the diversity selection before the LLM
+    if name == "tome" and options.get("placement", "pre_llm") != "pre_llm":
+        raise ValueError("tome(placement='vision') merges inside the vision tower, which the plug-in does not patch")
     if keep is not None:
         validate_keep(keep)
-    make_strategy({"strategy": name, "keep": keep, **options})  # bad options fail as in vtc.patch
     settings = {"strategy": name, "keep": keep, **options}
+    make_strategy(settings)  # bad options fail as in vtc.patch
     json.dumps(settings)  # the server takes this dict as JSON: options must be plain values
     return {"vtc": settings}
 
@@ -85,6 +94,33 @@ def make_strategy(settings: dict):
     if keep is None:
         keep = getattr(get_strategy_class(name), "default_keep", 1.0)
     return build_strategy(name, keep, options)
+
+
+def request_settings(settings: dict, hf_kwargs) -> dict:
+    """A request's settings: the engine's, with the request's mm_processor_kwargs "vtc_strategy" (taken with its
+    default options unless it is the engine's strategy) and "vtc_keep" on top; validated like overrides()."""
+    strategy, keep = hf_kwargs.get(STRATEGY_KWARG), hf_kwargs.get(KEEP_KWARG)
+    if strategy is None and keep is None:
+        return settings
+    merged = dict(settings)
+    if strategy is not None and get_strategy_class(strategy).name != settings["strategy"]:
+        merged = {"strategy": strategy, "keep": None}
+    if keep is not None:
+        merged["keep"] = keep
+    return overrides(merged.pop("strategy"), **merged)["vtc"]
+
+
+def served_budget(strategy, n_tokens: int) -> int:
+    """Tokens one image of `n_tokens` keeps under `strategy`: the placeholder count the processor emits."""
+    from ...strategies.hired import HiRED, total_budget
+
+    if isinstance(strategy, HiRED):  # one partition (LLaVA-1.5): HiRED's own single-image rule
+        return (
+            n_tokens
+            if strategy._keeps_all(n_tokens)
+            else max(1, min(total_budget(strategy.keep, 1, n_tokens), n_tokens))
+        )
+    return strategy.stage_budget(n_tokens, n_tokens, "pre_llm")
 
 
 def register() -> None:

@@ -12,6 +12,7 @@ consecutive positions (tests/vllm/test_vllm.py); the kept tokens are vtc's own s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -28,13 +29,14 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from ...budget import tokens_to_keep, validate_keep
 from ...probes import vit_attention_received, vit_cls_attention, vit_keys
-from . import KEEP_KWARG, make_strategy
+from . import KEEP_KWARG, SERVED, STRATEGY_KWARG, make_strategy, request_settings, served_budget
 from .select import select_images
 
 VISION_PROBES = {"cls": vit_cls_attention, "received": vit_attention_received, "keys": vit_keys}
-BUDGET_FIELD = "vtc_budget"  # per-image kept-token count, carried from the processor to embed_multimodal
+# Per image, from the processor to embed_multimodal: the request's strategy (index into SERVED) and its keep
+# (a fraction as itself, a token count k as -k).
+STRATEGY_FIELD, KEEP_FIELD = "vtc_strategy", "vtc_keep"
 
 
 def engine_settings(hf_config) -> dict | None:
@@ -42,59 +44,57 @@ def engine_settings(hf_config) -> dict | None:
     return getattr(hf_config, "vtc", None)
 
 
-def image_budget(settings: dict, hf_kwargs: Mapping[str, object], n_tokens: int) -> int:
-    """Tokens one image keeps: the request's mm_processor_kwargs "vtc_keep", else the engine's keep."""
-    keep = hf_kwargs.get(KEEP_KWARG)
-    if keep is None:
-        keep = make_strategy(settings).keep
-    validate_keep(keep, n_tokens)
-    return tokens_to_keep(keep, n_tokens)
+def encode_keep(keep: float | int) -> float:
+    return -float(keep) if isinstance(keep, int) else float(keep)
+
+
+def decode_keep(value: float) -> float | int:
+    return int(-value) if value < 0 else float(value)
 
 
 class VtcLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    """Emits `budget` image placeholders per image instead of the full grid, and hands the budget to the model."""
+    """Emits the budget's count of image placeholders per image instead of the full grid, and hands the request's
+    strategy and keep to the model."""
 
-    def _settings(self) -> dict | None:
-        return engine_settings(self.info.get_hf_config())
+    def _settings(self, hf_kwargs) -> dict | None:
+        settings = engine_settings(self.info.get_hf_config())
+        return request_settings(settings, hf_kwargs) if settings is not None else None
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != KEEP_KWARG}  # vtc's, not the HF processor's
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in (KEEP_KWARG, STRATEGY_KWARG)}  # vtc's own
         return super()._call_hf_processor(hf_data, hf_kwargs)
 
-    def _full_tokens(self, mm_items, item_idx: int) -> int:
-        size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+    def _image_tokens(self) -> int:
+        # LLaVA-1.5 resizes every image to the tower's square input: one token count for all images
+        size = self.info.get_image_size_with_most_features()
         return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        settings = self._settings()
+        settings = self._settings(hf_processor_mm_kwargs)
         pixels = processed_data.get("pixel_values")
         if settings is not None and pixels is not None:
-            n_tokens = self.info.get_num_image_tokens(
-                image_width=self.info.get_image_size_with_most_features().width,
-                image_height=self.info.get_image_size_with_most_features().height,
-            )  # LLaVA-1.5 resizes every image to the tower's square input: one count for all
-            budget = image_budget(settings, hf_processor_mm_kwargs, n_tokens)
-            processed_data[BUDGET_FIELD] = torch.full((len(pixels),), budget, dtype=torch.long)
+            strategy = make_strategy(settings)
+            n = len(pixels)
+            processed_data[STRATEGY_FIELD] = torch.full((n,), SERVED.index(strategy.name), dtype=torch.long)
+            processed_data[KEEP_FIELD] = torch.full((n,), encode_keep(strategy.keep), dtype=torch.float64)
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if self._settings() is not None:
-            fields[BUDGET_FIELD] = MultiModalFieldConfig.batched("image")
+        if engine_settings(self.info.get_hf_config()) is not None:
+            fields[STRATEGY_FIELD] = MultiModalFieldConfig.batched("image")
+            fields[KEEP_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence:
-        settings = self._settings()
+        settings = self._settings(hf_processor_mm_kwargs)
         if settings is None or "image" not in mm_items:
             return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        mm_items.get_items("image", ImageProcessorItems)  # image_embeds inputs: not served (fails here)
         image_token_id = self.info.get_hf_config().image_token_index
-
-        def replacement(item_idx: int) -> list[int]:
-            budget = image_budget(settings, hf_processor_mm_kwargs, self._full_tokens(mm_items, item_idx))
-            return [image_token_id] * budget
-
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+        budget = served_budget(make_strategy(settings), self._image_tokens())
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=[image_token_id] * budget)]
 
 
 def _build_processor(info, dummy_inputs):
@@ -129,26 +129,26 @@ class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        settings = engine_settings(self.config)
-        self.vtc_strategy = make_strategy(settings) if settings is not None else None
-        if self.vtc_strategy is not None:
+        self.vtc_settings = engine_settings(self.config)
+        if self.vtc_settings is not None:
+            make_strategy(self.vtc_settings)  # fails at engine start, naming the fix
             vision = self.config.vision_config
             if vision.model_type != "clip_vision_model":
                 raise ValueError(f"vtc's vLLM plug-in serves LLaVA with a CLIP tower, not {vision.model_type!r}")
             layer = self.config.vision_feature_layer
             if not isinstance(layer, int):
                 raise ValueError("vtc's vLLM plug-in serves LLaVA with one vision_feature_layer, not a list")
-            n_layers = vision.num_hidden_layers
-            self.vtc_feature_layer = layer - 1 if layer > 0 else n_layers + layer
+            self.vtc_layers = vision.num_hidden_layers
+            self.vtc_feature_layer = layer - 1 if layer > 0 else self.vtc_layers + layer
             self.vtc_grid = (vision.image_size // vision.patch_size,) * 2
-            self.vtc_probe_layers = self.vtc_strategy.vision_probes(n_layers, self.vtc_feature_layer)
 
-    def _probe_hooks(self, probes: dict) -> list:
+    def _probe_hooks(self, wanted: dict[str, set[int]], probes: dict) -> list:
+        """Hooks computing the probe rows `wanted` (kind -> layers) from q/k of vLLM's CLIP attention layers."""
         layers = self.vision_tower.vision_model.encoder.layers
         drop_cls = self.config.vision_feature_select_strategy == "default"
         hooks = []
-        for kind, layer_ids in self.vtc_probe_layers.items():
-            for layer in layer_ids:
+        for kind, layer_ids in wanted.items():
+            for layer in sorted(layer_ids):
                 attn = layers[layer].self_attn
                 view = _SplitQKV(attn)
 
@@ -162,19 +162,27 @@ class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return hooks
 
     def embed_multimodal(self, **kwargs: object):
-        budgets = kwargs.pop(BUDGET_FIELD, None)
-        if self.vtc_strategy is None:
+        strategy_ids, keeps = kwargs.pop(STRATEGY_FIELD, None), kwargs.pop(KEEP_FIELD, None)
+        if self.vtc_settings is None:
             return super().embed_multimodal(**kwargs)
         if kwargs.get("image_embeds") is not None:
             raise ValueError("vtc's vLLM plug-in selects from pixel_values; image_embeds inputs are not supported")
         if kwargs.get("pixel_values") is None:
             return super().embed_multimodal(**kwargs)
+        per_image = [
+            request_settings(self.vtc_settings, {STRATEGY_KWARG: SERVED[int(i)], KEEP_KWARG: decode_keep(float(k))})
+            for i, k in zip(torch.as_tensor(strategy_ids).flatten(), torch.as_tensor(keeps).flatten())
+        ]
+        wanted: dict[str, set[int]] = {}
+        for settings in {json.dumps(s, sort_keys=True) for s in per_image}:
+            probes_of = make_strategy(json.loads(settings)).vision_probes(self.vtc_layers, self.vtc_feature_layer)
+            for kind, layers in probes_of.items():
+                wanted.setdefault(kind, set()).update(layers)
         probes: dict = {}
-        hooks = self._probe_hooks(probes)
+        hooks = self._probe_hooks(wanted, probes)
         try:
             embeds = super().embed_multimodal(**kwargs)
         finally:
             for h in hooks:
                 h.remove()
-        budgets = [int(b) for b in torch.as_tensor(budgets).flatten().tolist()]
-        return select_images(self.vtc_strategy, embeds, self.vtc_grid, budgets, probes)
+        return select_images(per_image, embeds, self.vtc_grid, probes, (self.vtc_layers, self.vtc_feature_layer))

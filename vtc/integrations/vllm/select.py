@@ -6,33 +6,41 @@ image's projected features and vision probes; vLLM only hosts it.
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import torch
 
 from ...adapters.decoder import _as_selection
-from ...strategies.base import Strategy, VisualTokens
+from ...strategies.base import VisualTokens
 
 
 def select_images(
-    strategy: Strategy,
+    settings: list[dict],
     features: torch.Tensor,
     grid: tuple[int, int],
-    budgets: list[int],
     probes: dict[str, dict[int, torch.Tensor]],
+    vision_layers: tuple[int, int],
 ) -> list[torch.Tensor]:
     """Each image's kept (or merged) features, (budget_i, D), in raster order.
 
-    features: (I, N, D) projected visual tokens of I images that share one grid; budgets: tokens kept per image
-    (engine-wide or per request); probes: kind -> vision layer -> (I, C, N) rows, as vtc.patch's adapters give
-    them. Images with equal budgets are selected together. Every image is its own sample (image_index 0 of its
-    prompt): vLLM's encoder cache shares an image's embedding across prompts, so a selection may depend on the
-    image alone."""
+    settings: per image, the vtc settings of its request ({"strategy", "keep", **options}); features: (I, N, D)
+    projected visual tokens of I images that share one grid; probes: kind -> vision layer -> (I, C, N) rows, as
+    vtc.patch's adapters give them (a superset: each strategy sees the layers it asks for); vision_layers: (layers
+    of the tower, the 0-based feature layer). Images with equal settings are selected together. Every image is its
+    own sample (image 0 of its prompt): vLLM's encoder cache shares an image's embedding across prompts, so a
+    selection may depend on the image alone."""
+    from . import make_strategy, served_budget
+
     out: list[torch.Tensor | None] = [None] * features.shape[0]
-    for budget in sorted(set(budgets)):
-        rows = torch.tensor([i for i, b in enumerate(budgets) if b == budget], device=features.device)
-        n_images, n_tokens = len(rows), features.shape[1]
-        by_kind = {kind: {layer: v[rows] for layer, v in layers.items()} for kind, layers in probes.items()}
+    device, n_tokens = features.device, features.shape[1]
+    for key in sorted({json.dumps(s, sort_keys=True) for s in settings}):
+        strategy = make_strategy(json.loads(key))
+        rows = torch.tensor([i for i, s in enumerate(settings) if json.dumps(s, sort_keys=True) == key], device=device)
+        n_images = len(rows)
+        asked = strategy.vision_probes(*vision_layers)
+        by_kind = {kind: {layer: probes[kind][layer][rows] for layer in layers} for kind, layers in asked.items()}
+        budget = served_budget(strategy, n_tokens)
         visual = VisualTokens(
             features=features[rows],
             grid=grid,
@@ -40,15 +48,22 @@ def select_images(
             cls_attention=by_kind.get("cls", {}),
             received_attention=by_kind.get("received", {}),
             vision=by_kind,
-            image_index=torch.arange(n_images, device=features.device),
-            token_ids=torch.arange(n_tokens, device=features.device).expand(n_images, -1),
-            context=dict(layout=SimpleNamespace(sample_of_image=list(range(n_images))), vision=by_kind),
+            image_index=torch.arange(n_images, device=device),
+            token_ids=torch.arange(n_tokens, device=device).expand(n_images, -1),
+            context=dict(layout=SimpleNamespace(sample_of_image=list(range(n_images)), extras={}), vision=by_kind),
         )
         index, merged = _as_selection(strategy.select(visual))
-        if index.dtype == torch.bool:
-            raise ValueError(f"strategy {strategy.name!r} returned a keep-mask (an adaptive budget): not servable")
-        kept = merged if merged is not None else visual.features.gather(
-            1, index[..., None].expand(-1, -1, features.shape[-1])
+        if index.dtype == torch.bool:  # a keep-mask (HiRED): equal counts here, as indices
+            if not bool((index.sum(1) == budget).all()):
+                raise RuntimeError(f"{strategy.describe()} kept {index.sum(1).tolist()} tokens, not {budget} each")
+            index = torch.arange(n_tokens, device=device).expand(n_images, -1)[index].view(n_images, budget)
+            merged = merged[torch.arange(n_images, device=device)[:, None], index] if merged is not None else None
+        if index.shape[1] != budget:
+            raise RuntimeError(f"{strategy.describe()} kept {index.shape[1]} tokens per image, not {budget}")
+        kept = (
+            merged
+            if merged is not None
+            else visual.features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]))
         )
         for row, image in enumerate(rows.tolist()):
             out[image] = kept[row]
