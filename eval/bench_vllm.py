@@ -1,16 +1,17 @@
 """vtc inside vLLM: requests/s and time to first token, a vtc engine vs the unpatched engine, same settings.
 
-Two engines in one run, with identical engine arguments (random weights: `load_format="dummy"`, no download):
+Two engines in one process, with identical engine arguments (random weights: `load_format="dummy"`, no download):
 the unpatched one, and one with `hf_overrides=vtc.integrations.vllm.overrides(strategy)` whose keep is set per
-request (`mm_processor_kwargs={"vtc_keep": k}`), so every keep runs on the same engine. For each setting:
+request (`mm_processor_kwargs={"vtc_keep": k}`), so every keep runs on the same engine. For each setting, in
+`--rounds` rounds that interleave the settings (so drifts in machine load hit them alike), medians of:
 - requests/s: `--requests` prompts with distinct images submitted at once, `--max-tokens` greedy tokens each;
-- TTFT: median wall time of one request with max_tokens=1, over `--ttft-runs` distinct images (prefix caching off,
-  so each run encodes and prefills its image).
-Times are wall-clock in one process; compare the ratios (vtc / unpatched) of one run.
+- TTFT: the wall time of one request with max_tokens=1 (`--ttft-runs` per round, distinct images, prefix caching
+  off, so each run encodes and prefills its image).
+Compare the ratios (vtc / unpatched) of one run. On CPU, VLLM_CPU_KVCACHE_SPACE defaults to 2 (GiB) here.
 
     python eval/bench_vllm.py                        # CPU: a mid-size LLaVA-1.5 shape (576 visual tokens)
     python eval/bench_vllm.py --arch llava-1.5-7b    # GPU: LLaVA-1.5-7B's architecture, random weights
-    python eval/bench_vllm.py --arch tiny --requests 8 --ttft-runs 3   # smoke run
+    python eval/bench_vllm.py --arch tiny --requests 4 --rounds 1     # smoke run
 
 Run it with the vLLM venv (`make vllm-setup`): `.venv-vllm/bin/python eval/bench_vllm.py`.
 """
@@ -80,33 +81,34 @@ def engine(path: Path, dtype: str, hf_overrides: dict | None):
     )  # fmt: skip
 
 
-def measure(llm, size: int, keep, args, seed0: int) -> dict:
-    from vllm import SamplingParams
-
+def make_request(size: int, keep, seed: int) -> dict:
     from vtc.testing import make_image
 
-    def request(seed: int) -> dict:
-        image = make_image(seed, size)
-        r = {"prompt": "USER: <image>\nWhat is in the image? ASSISTANT:", "multi_modal_data": {"image": image}}
-        if keep is not None:
-            r["mm_processor_kwargs"] = {"vtc_keep": keep}
-        return r
+    image = make_image(seed, size)
+    request = {"prompt": "USER: <image>\nWhat is in the image? ASSISTANT:", "multi_modal_data": {"image": image}}
+    if keep is not None:
+        request["mm_processor_kwargs"] = {"vtc_keep": keep}
+    return request
 
-    one = SamplingParams(temperature=0.0, max_tokens=1)
-    llm.generate([request(seed0 - 1)], one, use_tqdm=False)  # warm-up
-    ttft = []
-    for i in range(args.ttft_runs):
-        start = time.perf_counter()
-        out = llm.generate([request(seed0 + i)], one, use_tqdm=False)
-        ttft.append(time.perf_counter() - start)
-    prompt_tokens = len(out[0].prompt_token_ids)
+
+def ttft(llm, size: int, keep, seed: int) -> tuple[float, int]:
+    """Wall time of one request with max_tokens=1 (encode + prefill + one token), and its prompt length."""
+    from vllm import SamplingParams
+
+    start = time.perf_counter()
+    out = llm.generate([make_request(size, keep, seed)], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    return time.perf_counter() - start, len(out[0].prompt_token_ids)
+
+
+def throughput(llm, size: int, keep, seed: int, args) -> float:
+    """Requests/s of `args.requests` prompts (distinct images) submitted at once, `args.max_tokens` tokens each."""
+    from vllm import SamplingParams
+
+    batch = [make_request(size, keep, seed + i) for i in range(args.requests)]
     many = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    batch = [request(seed0 + 1000 + i) for i in range(args.requests)]
     start = time.perf_counter()
     llm.generate(batch, many, use_tqdm=False)
-    wall = time.perf_counter() - start
-    ttft_s = statistics.median(ttft)
-    return {"keep": keep, "prompt_tokens": prompt_tokens, "ttft_s": ttft_s, "req_per_s": args.requests / wall}
+    return args.requests / (time.perf_counter() - start)
 
 
 def close(llm) -> None:
@@ -122,33 +124,56 @@ def main() -> None:
     parser.add_argument("--keeps", default="0.1,0.25,0.5")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--ttft-runs", type=int, default=5)
+    parser.add_argument("--ttft-runs", type=int, default=3, help="TTFT requests per setting and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the settings, interleaved")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--out", default=None, help="write the table (markdown) and the numbers (.json) here")
     args = parser.parse_args()
 
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     import torch
 
     from vtc.integrations.vllm import overrides
 
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     keeps = [float(k) for k in args.keeps.split(",")]
-    rows = []
+    settings = [("unpatched", None)] + [(f"{args.strategy} keep={keep}", keep) for keep in keeps]
+    times = {name: {"ttft": [], "rps": [], "tokens": 0} for name, _ in settings}
     with tempfile.TemporaryDirectory() as tmp:
         size = write_model(args.arch, Path(tmp))
-        llm = engine(Path(tmp), dtype, None)
-        rows.append({"setting": "unpatched", **measure(llm, size, None, args, seed0=10)})
-        close(llm)
-        llm = engine(Path(tmp), dtype, overrides(args.strategy, keep=keeps[0]))
-        for keep in keeps:
-            rows.append({"setting": f"{args.strategy} keep={keep}", **measure(llm, size, keep, args, seed0=10)})
-        close(llm)
+        engines = {"unpatched": engine(Path(tmp), dtype, None)}
+        engines["vtc"] = engine(Path(tmp), dtype, overrides(args.strategy, keep=keeps[0]))
+        seed = 10
+        for _name, keep in settings:  # warm-up
+            ttft(engines["unpatched" if keep is None else "vtc"], size, keep, seed)
+        for _ in range(args.rounds):  # the settings interleaved, so drifts in machine load hit them alike
+            for name, keep in settings:
+                llm = engines["unpatched" if keep is None else "vtc"]
+                for _ in range(args.ttft_runs):
+                    seed += 1
+                    seconds, times[name]["tokens"] = ttft(llm, size, keep, seed)
+                    times[name]["ttft"].append(seconds)
+                seed += args.requests
+                times[name]["rps"].append(throughput(llm, size, keep, seed, args))
+        for llm in engines.values():
+            close(llm)
+    rows = [
+        {
+            "setting": name,
+            "keep": keep,
+            "prompt_tokens": times[name]["tokens"],
+            "ttft_s": statistics.median(times[name]["ttft"]),
+            "req_per_s": statistics.median(times[name]["rps"]),
+        }
+        for name, keep in settings
+    ]
     base = rows[0]
     cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     lines = [
         f"vtc in vLLM: {args.arch} (random weights), {dtype}, {device}, {datetime.date.today()}; "
-        f"{args.requests} requests x {args.max_tokens} tokens, TTFT median of {args.ttft_runs}",
+        f"medians over {args.rounds} interleaved rounds: requests/s of {args.requests} requests x {args.max_tokens} "
+        f"tokens, TTFT of {args.rounds * args.ttft_runs} single requests",
         "",
         "| setting | prompt tokens | TTFT (s) | TTFT vs unpatched | requests/s | requests/s vs unpatched |",
         "|---|---|---|---|---|---|",
