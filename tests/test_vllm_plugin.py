@@ -1,0 +1,67 @@
+"""vtc.integrations.vllm without vLLM: overrides() validates like vtc.patch and refuses what vLLM cannot serve.
+(The engine tests live in tests/vllm/, run through .venv-vllm by `make vllm-test`.)"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vtc.integrations.vllm import REFUSED, SERVED, make_strategy, overrides, request_settings, served_budget
+
+
+def test_overrides_is_the_server_json():
+    assert overrides("vtc_cls", keep=0.25) == {"vtc": {"strategy": "vtc_cls", "keep": 0.25}}
+    assert overrides("VTC-CLS", keep=16, start_layer=1)["vtc"] == {"strategy": "vtc_cls", "keep": 16, "start_layer": 1}
+    assert json.loads(json.dumps(overrides("random", keep=0.1, seed=3))) == overrides("random", keep=0.1, seed=3)
+
+
+def test_keep_none_is_the_paper_default():
+    assert make_strategy(overrides("vtc_cls")["vtc"]).keep == 0.0625
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_with_the_reason(name):
+    with pytest.raises(ValueError, match="cannot run inside vLLM: .*(budget|in-LLM)"):
+        overrides(name, keep=0.25)
+
+
+def test_bad_input_fails_like_patch():
+    with pytest.raises(ValueError, match="unknown strategy 'nope'; known strategies"):
+        overrides("nope")
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        overrides("vtc_cls", keep=1.5)
+    with pytest.raises(TypeError, match="options of strategy 'random': seed"):
+        overrides("random", seeed=1)
+    with pytest.raises(ValueError, match="placement='vision'.* merges inside the vision tower"):
+        overrides("tome", keep=0.25, placement="vision")
+    with pytest.raises(ValueError, match="todre's stage 2 prunes inside the decoder"):
+        overrides("todre", keep=0.25, stage2=True)
+
+
+def test_todre_is_stage_one_only():
+    assert overrides("todre", keep=0.25)["vtc"] == {"strategy": "todre", "keep": 0.25, "stage2": False}
+    assert make_strategy(overrides("todre")["vtc"]).prune_layers(32) == []
+
+
+def test_every_pre_llm_fixed_budget_strategy_is_served():
+    assert set(SERVED) == {"vtc_cls", "fopru", "visionzip", "hired", "tome", "todre", "random", "downsample"}
+    for name in SERVED:
+        assert make_strategy(overrides(name)["vtc"]).stage == "pre_llm"
+
+
+def test_request_settings_and_budget():
+    engine = overrides("vtc_cls", keep=0.25, start_layer=1)["vtc"]
+    assert request_settings(engine, {}) == engine
+    assert request_settings(engine, {"vtc_keep": 5}) == {**engine, "keep": 5}  # the engine's options stay
+    assert request_settings(engine, {"vtc_strategy": "random"}) == {"strategy": "random", "keep": None}
+    assert served_budget(make_strategy(engine), 576) == 144
+    assert served_budget(make_strategy(request_settings(engine, {"vtc_keep": 5})), 576) == 5
+    assert served_budget(make_strategy(overrides("hired", keep=0.1)["vtc"]), 576) == 57  # int(576 * 0.1)
+    with pytest.raises(ValueError, match="cannot run inside vLLM"):
+        request_settings(engine, {"vtc_strategy": "fastv"})
+
+
+def test_importing_vtc_does_not_import_vllm():
+    code = "import sys, vtc, vtc.integrations.vllm; assert 'vllm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
