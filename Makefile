@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup eval-setup demo test bench clean
+.PHONY: setup eval-setup demo test test-real bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ demo: setup
 test: setup eval-setup
 	$(BIN)/ruff check vtc tests eval notebooks
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+# every strategy on the real architectures (vtc.testing.real_model, random weights, 2 decoder layers): slow on a CPU
+test-real: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests/test_real.py
 
 bench: setup
 	$(BIN)/vtc bench --model tiny
