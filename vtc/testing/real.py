@@ -410,6 +410,25 @@ def real_config(name: str, text_layers: int | None = 2, vision_layers: int | Non
     return cls(**config)
 
 
+# the image side (px) the benchmarks feed each architecture: its native input side for the fixed-size towers;
+# for the dynamic-resolution Qwen-VL families the side that gives 576 visual tokens, as LLaVA-1.5 has
+_IMAGE_SIZES = {
+    "llava": 336,
+    "llava_next": 336,
+    "llava_onevision": 384,
+    "qwen2_vl": 672,
+    "qwen2_5_vl": 672,
+    "qwen3_vl": 768,
+    "internvl": 448,
+}
+
+
+def real_image_size(name: str) -> int:
+    """The square image side the benchmarks use for `name` (LLaVA-1.5: 336 px, 576 tokens; Qwen2-VL / 2.5-VL:
+    672 px and Qwen3-VL: 768 px, also 576 tokens; InternVL3: one 448 px tile, 256 tokens; ...)."""
+    return _IMAGE_SIZES[real_family(name)]
+
+
 def real_family(name: str) -> str:
     """The vtc adapter family of a real architecture name (llava, llava_next, llava_onevision, qwen2_vl, ...)."""
     return _spec(name)["family"]
