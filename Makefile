@@ -47,5 +47,9 @@ test-real: setup
 bench: setup
 	$(BIN)/vtc bench --model tiny
 
+# one prepared GPU check (kernels, real-size speed, attention path): eval/gpu_check.sh; results under eval/results/gpu/
+gpu-check:
+	eval/gpu_check.sh
+
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -159,11 +159,19 @@ def run(args) -> list[dict]:
             inputs = make_inputs(model, processor, batch, args.device, args.model)
             if batch not in base:
                 base[batch] = measure(model, inputs, timer, args, None)
-            with vtc.patched(model, name, keep=keep) as handle:
+            try:
+                handle = vtc.patch(model, name, keep=keep)
+            except ValueError as error:  # a strategy this model cannot run: a row that says why
+                rows.append({**dict.fromkeys(FIELDS), **dict(model=label, device=args.device, dtype=args.dtype,
+                                                             batch=batch, strategy=name, keep=keep, note=str(error))})
+                continue
+            try:
                 result = measure(model, inputs, timer, args, handle)
                 sample = handle.report().samples[0]
                 kept = handle.last_kept("final")[0]
                 stage, layer = handle.strategy.stage, handle.strategy.llm_layer
+            finally:
+                handle.unpatch()
             overhead = None
             reference = short_input_reference(model, inputs, kept.to(args.device), stage, layer) if batch == 1 else None
             if reference is not None:
@@ -194,9 +202,17 @@ def run(args) -> list[dict]:
                     memory_bytes=result["memory"],
                     memory_bytes_unpatched=base[batch]["memory"],
                     overhead=overhead,
+                    note="",
                 )
             )
     return rows
+
+
+FIELDS = (
+    "model device dtype batch strategy keep visual_in visual_last_layer visual_per_layer flops_ratio ttft_ms "
+    "ttft_unpatched_ms speedup ideal_speedup fraction_of_ideal decode_tok_s decode_tok_s_unpatched memory_bytes "
+    "memory_bytes_unpatched overhead note"
+).split()
 
 
 def measure(model, inputs, timer: Timer, args, handle) -> dict:
@@ -217,12 +233,16 @@ def measure(model, inputs, timer: Timer, args, handle) -> dict:
     out = generate(args.new_tokens)
     memory = torch.cuda.max_memory_allocated() if cuda else kv_bytes(out.past_key_values)
     decode_tokens = (args.new_tokens - 1) * inputs["input_ids"].shape[0]
-    return {"ttft_s": ttft, "decode_tok_s": decode_tokens / max(t_all - t_one, 1e-9), "memory": memory}
+    decode = decode_tokens / (t_all - t_one) if t_all > t_one else float("nan")  # nan: below timer noise
+    return {"ttft_s": ttft, "decode_tok_s": decode, "memory": memory}
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
+    rows = [r for r in rows if not r["note"]]
+    if not rows:
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -292,7 +312,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
@@ -303,6 +323,9 @@ def main(argv=None) -> None:
         f"{'overhead':>8} {'decode tok/s':>12}"
     )
     for r in rows:
+        if r["note"]:
+            print(f"{r['strategy']:>10} {r['keep']:>5} {r['batch']:>5}  not run: {r['note'][:150]}")
+            continue
         overhead = f"{r['overhead']:.3f}" if r["overhead"] is not None else "-"
         print(
             f"{r['strategy']:>10} {r['keep']:>5} {r['batch']:>5} {r['visual_last_layer']:>7} {r['ttft_ms']:>9.1f} "
