@@ -68,11 +68,12 @@ _QWEN_CHAT = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# OneVision's template (chat_template.json): "<|im_start|>user <image>\n...<|im_end|><|im_start|>assistant\n"
+# OneVision and InternVL-hf: the Qwen chat format with their image placeholders (the hub templates differ in
+# whitespace and system prompts, which changes no visual token)
 _ONEVISION_CHAT = _QWEN_CHAT.replace("{{ image_placeholder }}", "<image>\n").replace(
     "{{ video_placeholder }}", "<video>\n"
 )
-# InternVL-hf's template puts <IMG_CONTEXT> for each image, the processor expands it to <img>...</img> blocks
+# (InternVL: <IMG_CONTEXT> per image, which the processor expands to <img>...</img> blocks)
 _INTERNVL_CHAT = _QWEN_CHAT.replace("{{ image_placeholder }}", "<IMG_CONTEXT>\n").replace(
     "{{ video_placeholder }}", "<video>\n"
 )
