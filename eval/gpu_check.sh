@@ -8,7 +8,7 @@
 #   eval/gpu_check.sh --cpu-smoke   # the same steps on tiny models on the CPU, in about a minute (CI runs it)
 #
 # Steps: (0) install: vtc in editable mode into the machine's python (PYTHON, default python3) without
-# touching its CUDA torch; transformers pinned to constraints.txt when pip can reach it (or from wheels in
+# touching its CUDA torch (torch and triton from PyPI first if it has none); transformers pinned to constraints.txt when pip can reach it (or from wheels in
 # ./.whl); flash-attn / kernels tried, optional. (1) Triton kernels vs their PyTorch references at N = 576,
 # 2880, 10000, bf16 and fp32: indices equal, times, the dispatch thresholds they imply (vtc/ops.py).
 # (2) TTFT and decode tok/s for llava-1.5-7b and qwen2.5-vl-7b (bf16, batch 1 and 8; unpatched vs vtc_cls,
@@ -30,6 +30,10 @@ while [ $# -gt 0 ]; do
 done
 PY=${PYTHON:-python3}
 PIP_FAST="--retries 0 --timeout 10"  # fail fast on a machine without network
+if [ "$SMOKE" = 0 ] && ! "$PY" -c "import torch" 2>/dev/null; then  # a bare machine: PyPI's Linux torch is a CUDA build
+    echo "installing torch and triton from PyPI (a few minutes)"
+    timeout 400 "$PY" -m pip install -q torch triton || true
+fi
 if [ "$SMOKE" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     echo "no CUDA torch in $PY: set PYTHON to a python whose torch sees the GPU, or run --cpu-smoke" >&2
     exit 1
