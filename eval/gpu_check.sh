@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 23): about 6 minutes on one H200 from a fresh machine, nothing downloaded
+# One prepared GPU check (issue 23): planned for under 8 minutes on one H200 (per-step time limits below), nothing downloaded
 # (random weights of real architectures, vtc.testing.real_config). Writes everything into one folder it names:
 #   eval/results/gpu/<date>_<device>/ (or --out DIR): log.txt, env.txt, kernels.json, thresholds.json,
 #   bench_<model>.{csv,json,png}, sdpa.json, vllm/ (if eval/bench_vllm.py exists), summary.md.
