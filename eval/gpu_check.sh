@@ -57,6 +57,7 @@ if [ "$SMOKE" = 1 ]; then
     SMOKE_FLAG=--cpu-smoke
 else
     SMOKE_FLAG=
+    unset TRITON_INTERPRET  # compiled kernels, not the interpreter
     step "0. install"
     if [ -d .whl ]; then  # wheels carried to a machine without network
         "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/vtc-site .whl/*.whl \
