@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup eval-setup demo test bench clean vllm-setup vllm-test vllm-test-all
+.PHONY: setup eval-setup demo test test-real bench gpu-check clean vllm-setup vllm-test vllm-test-all
 
 setup: $(VENV)/.installed
 
@@ -80,8 +80,16 @@ vllm-test: vllm-setup
 vllm-test-all: vllm-setup
 	VLLM_CPU_KVCACHE_SPACE=1 VTC_VLLM_ALL=1 $(VLLM_BIN)/python -m pytest -q tests/vllm
 
+# every strategy on the real architectures (vtc.testing.real_model, random weights, 2 decoder layers): slow on a CPU
+test-real: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests/test_real.py
+
 bench: setup
 	$(BIN)/vtc bench --model tiny
+
+# one prepared GPU check (kernels, real-size speed, attention path): eval/gpu_check.sh; results under eval/results/gpu/
+gpu-check:
+	eval/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache

@@ -9,6 +9,7 @@ meaningful.
 
     python eval/bench.py --model tiny --keep 1.0 0.5 0.25 0.1            # CPU, seconds
     python eval/bench.py --model llava-1.5-7b --dtype bfloat16 --device cuda  # real architecture, random weights
+    python eval/bench.py --model qwen2-vl-2b --text-layers 2 --keep 0.25       # vtc.testing.REAL_NAMES, cut
     python eval/bench.py --model /path/to/checkpoint                      # a local checkpoint
 
 Outputs: <out>.csv, <out>.json and <out>_speedup.png, <out>_overhead.png.
@@ -32,67 +33,52 @@ import vtc  # noqa: E402
 from eval.bench_overhead import short_input_reference  # noqa: E402
 from vtc.budget import prefill_flops  # noqa: E402
 from vtc.testing import llava_inputs, make_image, tiny_llava, tiny_llava_processor  # noqa: E402
+from vtc.testing.qwen2_vl import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl  # noqa: E402
+from vtc.testing.real import REAL_NAMES, real_image_size, real_inputs, real_model  # noqa: E402
+
+TINY_NAMES = ("tiny", "tiny-qwen2", "tiny-mistral", "tiny-qwen2.5-vl")
 
 # bf16 dense peaks (TFLOP/s) and memory bandwidth (GB/s) of devices we may be lent
 KNOWN_PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0)}
 
 
-def real_architecture(name: str):
-    """A real architecture's config with random weights (nothing downloaded)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    if name != "llava-1.5-7b":
-        raise ValueError(f"unknown architecture {name!r}; known: llava-1.5-7b, tiny, tiny-qwen2, or a local path")
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-    )
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000)
-
-
-def load_model(name: str, dtype: torch.dtype, device: str):
-    """(model, processor, label) for a tiny builder name, a real architecture, or a local checkpoint."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def load_model(
+    name: str, dtype: torch.dtype, device: str, text_layers: int | None = None, vision_layers: int | None = None
+):
+    """(model, processor, label) for a tiny builder name, a real architecture (`vtc.testing.REAL_NAMES`: the
+    published config with random weights, depth cut by `text_layers` / `vision_layers`), or a local checkpoint."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if name in ("tiny", "tiny-qwen2", "tiny-mistral"):
         backbone = {"tiny": "llama", "tiny-qwen2": "qwen2", "tiny-mistral": "mistral"}[name]
         model, processor = tiny_llava(backbone), tiny_llava_processor()
+    elif name == "tiny-qwen2.5-vl":  # the Qwen-VL code path in seconds (the GPU check's CPU smoke)
+        model, processor = tiny_qwen_vl("qwen2_5_vl"), tiny_qwen_processor()
+    elif name in REAL_NAMES:
+        model, processor = real_model(name, text_layers, vision_layers, dtype=dtype, device=device)
+        depth = model.config.text_config.num_hidden_layers
+        name = name if text_layers is None else f"{name} ({depth} decoder layers)"
     elif Path(name).exists():
-        model = LlavaForConditionalGeneration.from_pretrained(name, attn_implementation="sdpa", dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation="sdpa", dtype=dtype)
         processor = AutoProcessor.from_pretrained(name)
     else:
-        config = real_architecture(name)
-        with torch.device(device):
-            model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype)
-        vision = config.vision_config
-        processor = tiny_llava_processor(image_size=vision.image_size, patch_size=vision.patch_size)
+        known = ", ".join([*TINY_NAMES, *REAL_NAMES])
+        raise ValueError(f"unknown model {name!r}; known: {known}, or a local checkpoint directory")
     return model.to(device=device, dtype=dtype).eval(), processor, name
 
 
-def make_inputs(model, processor, batch: int, device: str):
+def make_inputs(model, processor, batch: int, device: str, name: str = "tiny"):
+    """A batch of one-image prompts; real architectures get an image of their native side (`real_image_size`)."""
     questions = ["Describe the picture in detail, please."] * batch
-    images = [[make_image(i, size=max(96, model.config.vision_config.image_size))] for i in range(batch)]
-    inputs = llava_inputs(processor, questions, images)
-    image_token = model.config.image_token_id
-    tiny_image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    if image_token != tiny_image_token:
-        inputs["input_ids"][inputs["input_ids"] == tiny_image_token] = image_token
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    return {k: v.to(device) for k, v in inputs.items()}
+    if name in REAL_NAMES:
+        size = real_image_size(name)
+        inputs = dict(real_inputs(name, processor, questions, [[make_image(i, size=size)] for i in range(batch)]))
+    elif name == "tiny-qwen2.5-vl":
+        inputs = qwen_inputs(processor, questions, images=[[make_image(i, size=112)] for i in range(batch)])
+    else:
+        images = [[make_image(i, size=max(96, model.config.vision_config.image_size))] for i in range(batch)]
+        inputs = dict(llava_inputs(processor, questions, images))
+    return {k: v.to(device, model.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
 
 class Timer:
@@ -157,7 +143,9 @@ def run(args) -> list[dict]:
     from tqdm import tqdm
 
     dtype = getattr(torch, args.dtype)
-    model, processor, label = load_model(args.model, dtype, args.device)
+    model, processor, label = load_model(
+        args.model, dtype, args.device, getattr(args, "text_layers", None), getattr(args, "vision_layers", None)
+    )
     timer = Timer(args.device)
     peaks = device_peaks(args.device, dtype, args.peak_tflops, args.peak_gbps)
     weights = weight_bytes(model)
@@ -168,18 +156,30 @@ def run(args) -> list[dict]:
     base: dict[int, dict] = {}
     with torch.no_grad():
         for batch, name, keep in tqdm(jobs, desc="vtc bench", unit="run"):
-            inputs = make_inputs(model, processor, batch, args.device)
+            inputs = make_inputs(model, processor, batch, args.device, args.model)
             if batch not in base:
                 base[batch] = measure(model, inputs, timer, args, None)
-            with vtc.patched(model, name, keep=keep) as handle:
+            try:
+                handle = vtc.patch(model, name, keep=keep)
+            except ValueError as error:  # a strategy this model cannot run: a row that says why
+                rows.append({**dict.fromkeys(FIELDS), **dict(model=label, device=args.device, dtype=args.dtype,
+                                                             batch=batch, strategy=name, keep=keep, note=str(error))})
+                continue
+            try:
                 result = measure(model, inputs, timer, args, handle)
                 sample = handle.report().samples[0]
                 kept = handle.last_kept("final")[0]
                 stage, layer = handle.strategy.stage, handle.strategy.llm_layer
+            finally:
+                handle.unpatch()
             overhead = None
-            if batch == 1:
-                reference = short_input_reference(model, inputs, kept.to(args.device), stage, layer)
-                overhead = result["ttft_s"] / timer(reference, args.repeats)
+            try:  # the reference reaches into the model's own helpers: a failure costs the column, not the run
+                kept = kept.to(args.device)
+                reference = None if batch > 1 else short_input_reference(model, inputs, kept, stage, layer)
+                if reference is not None:
+                    overhead = result["ttft_s"] / timer(reference, args.repeats)
+            except Exception as error:  # noqa: BLE001
+                print(f"no overhead for {name} at keep {keep}: {type(error).__name__}: {error}")
             full_length = sample.tokens_per_layer[0] + sample.visual_in - sample.visual_after_pre_llm
             ideal = ideal_time(config, sample.tokens_per_layer, weights, peaks)
             ideal_base = ideal_time(config, [full_length] * len(sample.tokens_per_layer), weights, peaks)
@@ -206,9 +206,17 @@ def run(args) -> list[dict]:
                     memory_bytes=result["memory"],
                     memory_bytes_unpatched=base[batch]["memory"],
                     overhead=overhead,
+                    note="",
                 )
             )
     return rows
+
+
+FIELDS = (
+    "model device dtype batch strategy keep visual_in visual_last_layer visual_per_layer flops_ratio ttft_ms "
+    "ttft_unpatched_ms speedup ideal_speedup fraction_of_ideal decode_tok_s decode_tok_s_unpatched memory_bytes "
+    "memory_bytes_unpatched overhead note"
+).split()
 
 
 def measure(model, inputs, timer: Timer, args, handle) -> dict:
@@ -235,6 +243,9 @@ def measure(model, inputs, timer: Timer, args, handle) -> dict:
 def plot(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
+    rows = [r for r in rows if not r["note"]]
+    if not rows:
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -283,8 +294,10 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model", default="tiny", help="tiny | tiny-qwen2 | tiny-mistral | llava-1.5-7b | a local path"
+        "--model", default="tiny", help=f"{' | '.join(TINY_NAMES + REAL_NAMES)} | a local path"
     )
+    parser.add_argument("--text-layers", type=int, default=None, help="real architectures: decoder layers kept")
+    parser.add_argument("--vision-layers", type=int, default=None, help="real architectures: vision blocks kept")
     parser.add_argument("--strategies", nargs="+", default=None)
     parser.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
@@ -302,7 +315,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
@@ -313,6 +326,9 @@ def main(argv=None) -> None:
         f"{'overhead':>8} {'decode tok/s':>12}"
     )
     for r in rows:
+        if r["note"]:
+            print(f"{r['strategy']:>10} {r['keep']:>5} {r['batch']:>5}  not run: {r['note'][:150]}")
+            continue
         overhead = f"{r['overhead']:.3f}" if r["overhead"] is not None else "-"
         print(
             f"{r['strategy']:>10} {r['keep']:>5} {r['batch']:>5} {r['visual_last_layer']:>7} {r['ttft_ms']:>9.1f} "

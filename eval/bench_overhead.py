@@ -54,30 +54,51 @@ def layers_view(lm, start: int, stop: int):
 
 
 def short_input_reference(model, inputs, kept: torch.Tensor, stage: str, layer: int | None):
-    """The unpatched model fed the equally short input: a callable doing one reference prefill."""
+    """The unpatched model fed the equally short input: a callable doing one reference prefill (batch 1).
+
+    LLaVA-style models (1-D positions) and Qwen-VL (the 3-D M-RoPE positions the model computes, compacted);
+    None for a model whose image features do not map one to one onto its placeholder tokens here (anyres
+    packing with newline tokens, Qwen3-VL's DeepStack)."""
     lm, inner = model.model.language_model, model.model
-    visual = inputs["input_ids"][0] == model.config.image_token_id
+    ids = inputs["input_ids"]
+    device = ids.device
+    visual = ids[0] == model.config.image_token_id
     rows = (~visual).clone()
     rows[visual.nonzero().squeeze(1)[kept]] = True
     rows = rows.nonzero().squeeze(1)
-    short_mask = torch.ones(1, len(rows), dtype=torch.long)
+    short_mask = torch.ones(1, len(rows), dtype=torch.long, device=device)
+    if "image_grid_thw" in inputs:
+        if getattr(model.config.vision_config, "deepstack_visual_indexes", None):
+            return None
+        positions, _ = inner.get_rope_index(
+            ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
+        vision = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    elif set(inputs) <= {"input_ids", "attention_mask", "pixel_values"}:
+        positions = torch.arange(len(visual), device=device)[None]
+        vision = dict(pixel_values=inputs["pixel_values"])
+    else:
+        return None
     if stage == "llm":
         lower, upper = layers_view(lm, 0, layer), layers_view(lm, layer, lm.config.num_hidden_layers)
 
     def reference():
-        features = torch.cat(inner.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
-        embeds = inner.get_input_embeddings()(inputs["input_ids"])
-        embeds = embeds.masked_scatter(visual[None, :, None], features)
+        features = torch.cat(inner.get_image_features(**vision).pooler_output)
+        embeds = inner.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter(visual[None, :, None], features.to(embeds.dtype))
         if stage == "pre_llm":
-            out = lm(inputs_embeds=embeds[:, rows], position_ids=rows[None], attention_mask=short_mask, use_cache=True)
+            out = lm(
+                inputs_embeds=embeds[:, rows], position_ids=positions[..., rows], attention_mask=short_mask,
+                use_cache=True,
+            )
         else:
             # separate caches: the upper view's layers fill their own slots of the second one
             lower_cache, upper_cache = DynamicCache(config=lm.config), DynamicCache(config=lm.config)
-            positions = torch.arange(len(visual))[None]
             mid = lower(inputs_embeds=embeds, position_ids=positions, past_key_values=lower_cache)
             out = upper(
                 inputs_embeds=mid.last_hidden_state[:, rows],
-                position_ids=rows[None],
+                position_ids=positions[..., rows],
                 attention_mask=short_mask,
                 past_key_values=upper_cache,
             )

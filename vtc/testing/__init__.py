@@ -5,6 +5,8 @@
 - `vtc.testing.qwen2_vl`: Qwen2-VL and Qwen2.5-VL
 - `vtc.testing.qwen3_vl`: Qwen3-VL and Qwen3-VL-MoE
 - `vtc.testing.internvl`: InternVL (-hf)
+- `vtc.testing.real` (re-exported here): real architectures (published configs, random weights, depth cut on
+  request) and their offline processors: `real_config`, `real_model`, `real_processor`, `real_inputs`
 
 Every builder makes a real transformers class with random weights; nothing is downloaded.
 """
@@ -23,8 +25,14 @@ from .llava import (
     tiny_tokenizer,
     tiny_vlm_dir,
 )
+from .real import REAL_NAMES, real_config, real_inputs, real_model, real_processor
 
 __all__ = [
+    "REAL_NAMES",
+    "real_config",
+    "real_inputs",
+    "real_model",
+    "real_processor",
     "IMAGE_TOKEN",
     "LLAVA_CHAT_TEMPLATE",
     "SPECIAL_TOKENS",

@@ -167,10 +167,12 @@ class TinyQwenVLProcessor:
 
     patch = PATCH  # px per patch side (Qwen3-VL's subclass uses 16)
 
-    def __init__(self, min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 16, **image_processor_kwargs):
+    def __init__(
+        self, min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 16, tokenizer=None, **image_processor_kwargs
+    ):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        self.tokenizer = tiny_qwen_tokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else tiny_qwen_tokenizer()
         self.image_processor = Qwen2VLImageProcessorPil(
             size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
             patch_size=self.patch,

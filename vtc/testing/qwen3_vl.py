@@ -121,8 +121,8 @@ class TinyQwen3VLProcessor(TinyQwenVLProcessor):
 
     patch = PATCH
 
-    def __init__(self, min_pixels: int = 32 * 32, max_pixels: int = 32 * 32 * 16, fps: float = 2.0):
-        super().__init__(min_pixels, max_pixels, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    def __init__(self, min_pixels: int = 32 * 32, max_pixels: int = 32 * 32 * 16, fps: float = 2.0, tokenizer=None):
+        super().__init__(min_pixels, max_pixels, tokenizer, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
         self.fps = fps
 
     def prompt(self, question: str, n_images: int = 0, n_videos: int = 0) -> str:
