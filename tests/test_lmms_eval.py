@@ -24,6 +24,42 @@ from vtc.integrations.lmms_eval import VTCModel, parse_value  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "eval" / "lmms_tasks"
+
+
+def run_lmms_eval(tmp_path: Path, model_args: str, tasks: str, *extra: str, launcher=None) -> tuple[dict, str, Path]:
+    """The lmms-eval CLI on local tasks, offline: the `lmms-eval` console script (found through vtc's entry point),
+    or `launcher + ["-m", "lmms_eval"]`. Asserts a clean exit and one results file (lmms-eval prints an evaluation
+    error and still exits 0); returns (results, log, the run's output folder)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "out"
+    script = Path(sys.executable).with_name("lmms-eval")
+    if launcher is not None:
+        command = [*launcher, "-m", "lmms_eval"]
+    else:
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "lmms_eval"]
+    command += [
+        "--model", "vtc",
+        "--model_args", model_args,
+        "--tasks", tasks,
+        "--include_path", str(TASKS),
+        "--output_path", str(out),
+        *extra,
+    ]  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_path / "datasets"),
+        LMMS_EVAL_DATASETS_CACHE=str(tmp_path / "datasets"),
+    )
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    found = glob.glob(str(out / "*" / "*_results.json"))
+    assert len(found) == 1, f"results files {found}\n{log[-4000:]}"
+    return json.loads(Path(found[0]).read_text()), log, Path(found[0]).parent
 TASK_DIR = TASKS / "vtc_scene_qa"
 
 
@@ -161,33 +197,13 @@ def test_multi_round():
 
 def test_lmms_eval_cli_end_to_end(tmp_path):
     """`lmms-eval --model vtc` (found through the entry point) on the local task: results file, metrics, vtc numbers."""
-    out = tmp_path / "out"
-    script = Path(sys.executable).with_name("lmms-eval")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "lmms_eval"]
-    command += [
-        "--model", "vtc",
-        "--model_args", "pretrained=vtc-tiny,strategy=fastv,keep=0.25,layer=2",
-        "--tasks", "vtc_scene_qa,vtc_scene_qa_mc",
-        "--include_path", str(TASKS),
-        "--batch_size", "4",
-        "--output_path", str(out),
-        "--log_samples",
-        "--verbosity", "WARNING",
-    ]  # fmt: skip
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(tmp_path / "datasets"),
-        LMMS_EVAL_DATASETS_CACHE=str(tmp_path / "datasets"),
-    )
-    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    log = (run.stdout + run.stderr)[-4000:]
-    assert run.returncode == 0, log
-    results_files = glob.glob(str(out / "vtc-tiny" / "*_results.json"))
-    assert len(results_files) == 1, log
-    results = json.loads(Path(results_files[0]).read_text())
+    results, _, out = run_lmms_eval(
+        tmp_path,
+        "pretrained=vtc-tiny,strategy=fastv,keep=0.25,layer=2",
+        "vtc_scene_qa,vtc_scene_qa_mc",
+        "--batch_size", "4", "--log_samples", "--verbosity", "WARNING",
+    )  # fmt: skip
+    assert out.name == "vtc-tiny"
 
     generated, chosen = results["results"]["vtc_scene_qa"], results["results"]["vtc_scene_qa_mc"]
     assert 0.0 <= generated["accuracy,none"] <= 1.0 and 0.0 <= chosen["acc,none"] <= 1.0
@@ -197,7 +213,7 @@ def test_lmms_eval_cli_end_to_end(tmp_path):
     assert vtc_numbers["avg_vtc_visual_in"] == 36 and vtc_numbers["avg_vtc_visual_kept"] == 9
     assert vtc_numbers["avg_vtc_keep_ratio"] == 0.25 and 0 < vtc_numbers["avg_vtc_flops_ratio"] < 1
 
-    (samples_file,) = glob.glob(str(out / "vtc-tiny" / "*_samples_vtc_scene_qa.jsonl"))
+    (samples_file,) = glob.glob(str(out / "*_samples_vtc_scene_qa.jsonl"))
     samples = [json.loads(line) for line in Path(samples_file).read_text().splitlines() if line]
     assert len(samples) == 8 and all(isinstance(s["filtered_resps"], str) for s in samples)
     assert sum(s["accuracy"] for s in samples) / 8 == pytest.approx(generated["accuracy,none"])
@@ -300,32 +316,9 @@ def test_video_generation_equals_the_model_on_the_processor_inputs(name):
 )
 def test_lmms_eval_cli_video_task(tmp_path, model_args):
     """`lmms-eval --model vtc` on the local video task and the image task in one run, offline."""
-    out = tmp_path / "out"
-    script = Path(sys.executable).with_name("lmms-eval")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "lmms_eval"]
-    command += [
-        "--model", "vtc",
-        "--model_args", model_args,
-        "--tasks", "vtc_video_qa,vtc_scene_qa",
-        "--include_path", str(TASKS),
-        "--batch_size", "4",
-        "--limit", "4",
-        "--output_path", str(out),
-        "--verbosity", "WARNING",
-    ]  # fmt: skip
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(tmp_path / "datasets"),
-        LMMS_EVAL_DATASETS_CACHE=str(tmp_path / "datasets"),
+    results, _, _ = run_lmms_eval(
+        tmp_path, model_args, "vtc_video_qa,vtc_scene_qa", "--batch_size", "4", "--limit", "4", "--verbosity", "WARNING"
     )
-    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    log = (run.stdout + run.stderr)[-4000:]
-    assert run.returncode == 0, log
-    (results_file,) = glob.glob(str(out / "*" / "*_results.json"))
-    results = json.loads(Path(results_file).read_text())
     assert 0.0 <= results["results"]["vtc_video_qa"]["accuracy,none"] <= 1.0
     assert results["n-samples"]["vtc_video_qa"]["effective"] == 4
     assert results["n-samples"]["vtc_scene_qa"]["effective"] == 4

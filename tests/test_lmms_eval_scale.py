@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import re
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ pytest.importorskip("lmms_eval")
 
 from vtc.integrations.lmms_eval import VTCModel  # noqa: E402
 
-from .test_lmms_eval import TASKS, _docs, _request, _task_utils  # noqa: E402
+from .test_lmms_eval import TASKS, _docs, _request, _task_utils, run_lmms_eval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VLM = ROOT / "assets" / "tiny_vlm" / "model.safetensors"
@@ -74,37 +72,14 @@ def _free_port() -> int:
 
 def _lmms_eval(tmp_path: Path, name: str, launcher: list[str], model_args: str, *extra: str) -> tuple[dict, str, float]:
     """Run the lmms-eval CLI (after `launcher`) on the local tasks: (results file, log, wall seconds)."""
-    out = tmp_path / name
-    command = launcher + [
-        "-m", "lmms_eval",
-        "--model", "vtc",
-        "--model_args", model_args,
-        "--tasks", "vtc_scene_qa,vtc_scene_qa_mc",
-        "--include_path", str(TASKS),
-        "--output_path", str(out),
-        "--log_samples",
-        *extra,
-    ]  # fmt: skip
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(tmp_path / "datasets"),
-        LMMS_EVAL_DATASETS_CACHE=str(tmp_path / "datasets"),
-    )
     started = time.perf_counter()
-    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    results, log, out = run_lmms_eval(
+        tmp_path / name, model_args, "vtc_scene_qa,vtc_scene_qa_mc", "--log_samples", *extra, launcher=launcher
+    )
     seconds = time.perf_counter() - started
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-4000:]
-    found = glob.glob(str(out / "*" / "*_results.json"))
-    assert len(found) == 1, f"results files {found}\n{log[-4000:]}"
-    results = json.loads(Path(found[0]).read_text())
     samples = {}
     for task in ("vtc_scene_qa", "vtc_scene_qa_mc"):
-        (samples_file,) = glob.glob(str(out / "*" / f"*_samples_{task}.jsonl"))
+        (samples_file,) = glob.glob(str(out / f"*_samples_{task}.jsonl"))
         rows = [json.loads(line) for line in Path(samples_file).read_text().splitlines() if line]
         samples[task] = {row["doc_id"]: row["filtered_resps"] for row in rows}
     results["vtc_samples_by_doc"] = samples
