@@ -20,8 +20,16 @@ from vtc.testing.real import REAL_NAMES, real_config, real_family, real_inputs, 
 from .test_matrix import UNSUPPORTED
 
 STRATEGIES = vtc.list_strategies()
-# 2 decoder layers leave no layer 2 to prune before: FastV and DART prune before layer 1, ToDRE runs stage 1 only
-TWO_LAYER_OPTIONS = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "todre": {"stage2": False}}
+# 2 decoder layers leave no layer 2 to prune before: FastV and DART prune before layer 1, ToDRE runs stage 1 only,
+# PyramidDrop has one stage (before layer 1), SparseVLM and MustDrop prune the output of layer 0
+TWO_LAYER_OPTIONS = {
+    "fastv": {"layer": 1},
+    "dart": {"layer": 1},
+    "todre": {"stage2": False},
+    "pdrop": {"layers": [1]},
+    "sparsevlm": {"layers": [0]},
+    "mustdrop": {"layers": [0]},
+}
 # DyVTE's budget is not `keep`: without trained routers its fallback exits every visual token at L/2
 NOT_IDENTITY_AT_KEEP_ONE = {"dyvte"}
 
