@@ -80,9 +80,13 @@ vllm-test: vllm-setup
 vllm-test-all: vllm-setup
 	VLLM_CPU_KVCACHE_SPACE=1 VTC_VLLM_ALL=1 $(VLLM_BIN)/python -m pytest -q tests/vllm
 
-# every strategy on the real architectures (vtc.testing.real_model, random weights, 2 decoder layers): slow on a CPU
+# every strategy on the real architectures (vtc.testing.real_model, random weights, 2 decoder layers, the vision
+# towers' first 8 blocks): slow on a CPU. REAL_VISION_LAYERS=all runs the full towers; REAL=name one architecture.
+REAL_VISION_LAYERS ?= 8
+REAL ?=
 test-real: setup
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests/test_real.py
+	VTC_REAL_VISION_LAYERS=$(REAL_VISION_LAYERS) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow \
+		tests/test_real.py $(if $(REAL),-k "$(REAL)-")
 
 bench: setup
 	$(BIN)/vtc bench --model tiny
