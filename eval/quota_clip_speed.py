@@ -9,11 +9,12 @@ model (`scorer="clip"`, one image-encoder pass per frame), in one run, on the sa
    (vtc.testing.clip) and by a random-weight ViT-B-32 CLIP (open_clip's config, no weights); the seconds are
    QuoTA's own scoring time (`strategy.last_scoring`: prompt building, frame rebuilding and the scorer passes).
 2. `--real`: the scoring passes alone at real size, random weights: the llava-onevision-qwen2-0.5b architecture at
-   full depth (vtc.testing.real_model, 24 decoder layers) scoring `--real-frames` frames of 14 x 14 pooled tokens with
-   `frame_probabilities` (the features a prefill already has), against ViT-B-32 CLIP on the same number of
-   384 px frames (`clip_scores`). CPU, fp32.
+   full depth (vtc.testing.real_model, 24 decoder layers) scoring `--real-frames` frames of 14 x 14 pooled tokens
+   with `frame_probabilities` (the features a prefill already has), against ViT-B-32 CLIP on the same number of
+   384 px frames (`clip_scores`, its own vision pass included). CPU, fp32.
 
-Each time is the median of the repeats after one warm-up. Writes eval/results/quota_clip_speed.{json,md}.
+Each time is the median of the repeats after one warm-up round, the scorers timed in turn (a change of the
+machine's load hits them alike). Writes eval/results/quota_clip_speed.{json,md}.
 """
 
 from __future__ import annotations
@@ -37,14 +38,17 @@ from vtc.testing.clip import tiny_open_clip  # noqa: E402
 from vtc.testing.qwen2_vl import make_video, qwen_inputs, tiny_qwen_processor, tiny_qwen_vl  # noqa: E402
 
 
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_seconds(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, the callables run in turn (one warm-up round first), so that a change of
+    the machine's load during the run hits them alike. A callable returning a number reports its own seconds."""
+    times = {label: [] for label in runs}
+    for round_ in range(repeats + 1):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            own = run()
+            if round_:
+                times[label].append(own if isinstance(own, float) else time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def end_to_end(frames: int, repeats: int) -> list[dict]:
@@ -58,30 +62,21 @@ def end_to_end(frames: int, repeats: int) -> list[dict]:
         scorers[label] = dict(
             scorer="clip", clip_model=clip_model, clip_tokenizer=tokenizer, clip_preprocess=preprocess
         )
-    rows = []
-    for label, options in scorers.items():
-        with torch.no_grad(), vtc.patched(model, "quota", keep=0.5, processor=processor, **options) as handle:
-            scoring = []
+    frames_scored = {}
 
-            def run(scoring=scoring, handle=handle):
-                model(**inputs)
-                scoring.append(handle.strategy.last_scoring)
+    def scoring_seconds(label: str) -> float:
+        """One patched forward; QuoTA's own scoring seconds (prompts, frame rebuilding, the scorer passes)."""
+        with torch.no_grad(), vtc.patched(model, "quota", keep=0.5, processor=processor, **scorers[label]) as h:
+            model(**inputs)
+            frames_scored[label] = h.strategy.last_scoring["frames"]
+            return float(h.strategy.last_scoring["seconds"])
 
-            prefill = median_seconds(run, repeats)
-            seconds = statistics.median(s["seconds"] for s in scoring[1:])
-            rows.append(
-                dict(
-                    scorer=label,
-                    frames_scored=scoring[-1]["frames"],
-                    scoring_s=seconds,
-                    forward_s=prefill,
-                    budgets=[p["budget"] for p in handle.strategy.last_plan],
-                )
-            )
-    base = rows[0]["scoring_s"]
-    for row in rows:
-        row["scoring_vs_vlm"] = row["scoring_s"] / base
-    return rows
+    seconds = interleaved_seconds({label: lambda label=label: scoring_seconds(label) for label in scorers}, repeats)
+    base = seconds["the model itself"]
+    return [
+        dict(scorer=label, frames_scored=frames_scored[label], scoring_s=s, scoring_vs_vlm=s / base)
+        for label, s in seconds.items()
+    ]
 
 
 def real_size(frames: int, repeats: int) -> list[dict]:
@@ -95,7 +90,6 @@ def real_size(frames: int, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     features = torch.randn(frames, 14 * 14, model.config.text_config.hidden_size) * 0.02
     prompt = QUERY_PROMPT.format(query="What happens in the video?")
-    vlm = median_seconds(lambda: strategy.frame_probabilities(model, features, (14, 14), prompt), repeats)
     clip_model, tokenizer, preprocess = tiny_open_clip(seed=0, name="ViT-B-32")
     clip = QuoTA(
         keep=0.5,
@@ -106,20 +100,18 @@ def real_size(frames: int, repeats: int) -> list[dict]:
         clip_preprocess=preprocess,
     )
     images = [Image.new("RGB", (384, 384), (40 * i % 255, 90, 160)) for i in range(frames)]
-    seconds = median_seconds(lambda: clip.clip_scores(images, "What happens in the video?"), repeats)
+    vlm_label = f"{name} (full depth, random weights), frame_probabilities"
+    clip_label = "ViT-B-32 CLIP (random weights), clip_scores"
+    seconds = interleaved_seconds(
+        {
+            vlm_label: lambda: strategy.frame_probabilities(model, features, (14, 14), prompt),
+            clip_label: lambda: clip.clip_scores(images, "What happens in the video?"),
+        },
+        repeats,
+    )
     return [
-        dict(
-            scorer=f"{name} (full depth, random weights), frame_probabilities",
-            frames_scored=frames,
-            scoring_s=vlm,
-            scoring_vs_vlm=1.0,
-        ),
-        dict(
-            scorer="ViT-B-32 CLIP (random weights), clip_scores",
-            frames_scored=frames,
-            scoring_s=seconds,
-            scoring_vs_vlm=seconds / vlm,
-        ),
+        dict(scorer=label, frames_scored=frames, scoring_s=s, scoring_vs_vlm=s / seconds[vlm_label])
+        for label, s in seconds.items()
     ]
 
 
@@ -147,7 +139,8 @@ def main() -> None:
         '# QuoTA frame scoring: the model itself vs open_clip (`scorer="clip"`)',
         "",
         f"`eval/quota_clip_speed.py --frames {args.frames} --repeats {args.repeats}{real}`"
-        f" on {result['machine']}; median of the repeats after a warm-up; ratios from one run.",
+        f" on {result['machine']}; median of the repeats after a warm-up round, scorers timed in turn; "
+        "ratios from one run.",
         "",
     ]
     for part, title in (

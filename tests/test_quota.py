@@ -428,7 +428,15 @@ def test_clip_scorer_without_open_clip_names_the_extra(onevision):
     with pytest.raises(ImportError, match=r"pip install 'vtc-vlm\[clip\]'"):
         vtc.patch(model, "quota", keep=0.25, **options)
     with pytest.raises(ImportError, match="make clip-setup"):
-        vtc.patch(model, "quota", keep=0.25, processor=processor, scorer="clip", clip_name="ViT-B-32")
+        vtc.patch(
+            model,
+            "quota",
+            keep=0.25,
+            processor=processor,
+            scorer="clip",
+            clip_name="ViT-B-32",
+            clip_pretrained="openai",
+        )
     assert "forward" not in vars(model.model.language_model)
 
 
@@ -438,12 +446,13 @@ def test_clip_scorer_bad_arguments(onevision):
     clip = dict(clip_model=torch.nn.Linear(1, 1), clip_tokenizer=str.split)
     cases = [
         (dict(scorer="clop"), "scorer= takes 'clip' or a callable"),
-        (dict(clip_name="ViT-B-32"), "only apply with scorer='clip'"),
+        (dict(clip_name="ViT-B-32"), "clip_name only apply with scorer='clip'"),
         (dict(scorer=lambda f, g, p: torch.ones(len(f)), **clip), "clip_model, clip_tokenizer only apply"),
         (dict(scorer="clip"), "needs clip_model= and clip_tokenizer="),
         (dict(scorer="clip", clip_name="ViT-B-32", **clip), "not both"),
         (dict(scorer="clip", clip_model=torch.nn.Linear(1, 1)), "needs its clip_tokenizer="),
         (dict(scorer="clip", clip_name="ViT-B-32", clip_tokenizer=str.split), "drop clip_tokenizer="),
+        (dict(scorer="clip", clip_name="ViT-B-32"), "without clip_pretrained= would build it with random weights"),
         (dict(scorer="clip", scorer_model=torch.nn.Linear(1, 1), scorer_processor=processor, **clip), "pass one"),
     ]
     for options, message in cases:

@@ -545,7 +545,7 @@ def frame_strip(
 ) -> Image.Image:
     """Frames left to right (rows of `columns`), each with its kept tokens outlined and its budget.
 
-    Each frame keeps its aspect ratio (long side `size` pixels, then `display` pixels wide in its panel); its token
+    Each frame keeps its aspect ratio (resized to a long side of `size` pixels, shown at `display`); its token
     grid spans the whole frame, as video processors resize frames (OneVision, Qwen2-VL) rather than crop them.
     crop=True: the grid spans the frame's centre square, framed (LLaVA-1.5's processor: shortest edge resized,
     centre crop), for frames fed to an image model.

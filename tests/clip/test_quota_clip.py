@@ -104,6 +104,7 @@ def test_scores_from_objects_qwen(qwen, clip):
         model(**inputs)
         plan = handle.strategy.last_plan
         images = frame_images(model, processor, handle.adapter.last_layout, [p["unit"] for p in plan])
+    assert set(handle.strategy.last_prompts.values()) == {"cat, ball"}
     for entry, image in zip(plan, images):  # the un-patchified frame is the decoded frame (rounding aside)
         video, t = divmod(entry["unit"], 4)
         original = np.asarray(videos[video][2 * t].convert("RGB")).astype(int)

@@ -42,8 +42,10 @@ Our choices (the official code patches LLaVA-Video's `prepare_inputs_labels_for_
   no evidence, as p = 0); that score replaces p_i and the allocation w_i = (100 p_i)^2 is unchanged. One image
   encoder pass per frame instead of a VLM prefill per frame. The model comes as `clip_model=` + `clip_tokenizer=`
   (+ optional `clip_preprocess=`, else open_clip's eval transform from the model's own image size, mean and std),
-  or `clip_name=` (+ `clip_pretrained=`: a tag of the user's open_clip cache or a local checkpoint file), loaded
-  with open_clip's `create_model_and_transforms`. The frames it sees are those the VLM saw: rebuilt from the
+  or `clip_name=` (+ `clip_pretrained=`: a tag of the user's open_clip cache or a local checkpoint file; required
+  unless the name is an "hf-hub:" one, so that no random-weight CLIP scores silently), loaded with open_clip's
+  `create_model_and_transforms` (which downloads what is not cached; HF_HUB_OFFLINE=1 forbids it).
+  `last_prompts` holds CLIP's text. The frames it sees are those the VLM saw: rebuilt from the
   processor's pixel values (`frame_images`, as the separate scorer VLM), then CLIP's preprocessing; the raw
   decoded frames never reach the strategy. open_clip (the `clip` extra, which needs torchvision) is imported
   only on this path.
@@ -252,6 +254,11 @@ class QuoTA(Strategy):
                     "clip_name= loads the tokenizer and preprocessing itself: drop clip_tokenizer=/"
                     "clip_preprocess=, or pass clip_model= instead of clip_name="
                 )
+            if clip_name is not None and clip_pretrained is None and not clip_name.startswith("hf-hub:"):
+                raise ValueError(
+                    f"clip_name={clip_name!r} without clip_pretrained= would build it with random weights: pass "
+                    "the pretrained tag you have cached (e.g. 'openai') or a checkpoint file, or an 'hf-hub:' name"
+                )
             if processor is None:
                 raise ValueError(
                     "scorer='clip' needs the model's processor (processor=) to rebuild the frames the model saw"
@@ -376,14 +383,15 @@ class QuoTA(Strategy):
                 )
                 self._stats["cot"] += 1
         prompt = OBJECT_PROMPT.format(objects=", ".join(objects)) if objects else QUERY_PROMPT.format(query=query)
+        if self.scorer == "clip":  # CLIP's text: the objects or the question itself, not the yes/no prompt
+            prompt = ", ".join(objects) if objects else query
         self.last_prompts[key] = prompt
         features = visual.features[rows]
         if self.scorer == "clip":
             images = frame_images(
                 model, self.processor, visual.context["layout"], [int(visual.image_index[r]) for r in rows]
             )
-            text = ", ".join(objects) if objects else query
-            probs = self.clip_scores(images, text).clamp(min=0).double()
+            probs = self.clip_scores(images, prompt).clamp(min=0).double()
             self._stats["forwards"] += -(-len(rows) // self.score_batch)
         elif self.scorer is not None:
             probs = torch.as_tensor(self.scorer(features, visual.grid, prompt), dtype=torch.float64).flatten()
