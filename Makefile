@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup eval-setup demo test test-real bench gpu-check clean vllm-setup vllm-test vllm-test-all
+.PHONY: setup eval-setup demo test test-real bench gpu-check clean vllm-setup vllm-test vllm-test-all clip-setup clip-test
 
 setup: $(VENV)/.installed
 
@@ -80,6 +80,32 @@ vllm-test: vllm-setup
 vllm-test-all: vllm-setup
 	VLLM_CPU_KVCACHE_SPACE=1 VTC_VLLM_ALL=1 $(VLLM_BIN)/python -m pytest -q tests/vllm
 
+# open_clip as QuoTA's frame scorer (quota scorer="clip", README "QuoTA with a CLIP frame scorer"): its own venv, because
+# open_clip needs torchvision, which the main venv leaves out (it breaks transformers' Qwen2-VL import there, see
+# DESIGN.md section 7). The CPU torch 2.13.0 from the wheel on disk, torchvision 0.28.0 (its release for torch 2.13)
+# with --no-deps and the same sed as vllm-setup (its CUDA-linked C++ ops do not load beside the CPU torch; the
+# sed makes the two unguarded fake-kernel registrations conditional on the ops being there), then vtc with the
+# `clip` extra under constraints.txt (so open_clip and timm never pull another torch). tests/clip runs there.
+CLIP_VENV ?= .venv-clip
+CLIP_BIN := $(CLIP_VENV)/bin
+OPEN_CLIP_VERSION ?= 3.3.0
+CLIP_TV := $(CLIP_VENV)/lib/python3*/site-packages/torchvision/_meta_registrations.py
+
+clip-setup: $(CLIP_VENV)/.installed
+
+$(CLIP_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(CLIP_VENV)
+	$(CLIP_BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(CLIP_BIN)/python -m pip install -q --no-deps torchvision==0.28.0
+	$(CLIP_BIN)/python -m pip install -q -c constraints.txt torchvision==0.28.0 open_clip_torch==$(OPEN_CLIP_VERSION) \
+		-e ".[clip]" pytest
+	sed -i 's/^@torch.library.register_fake("torchvision::\(q\{0,1\}nms\)")$$/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda fn: fn))/' $(CLIP_TV)
+	$(CLIP_BIN)/python -c "import torchvision, open_clip, vtc; print('open_clip', open_clip.__version__, 'ready')"
+	touch $@
+
+clip-test: clip-setup
+	$(CLIP_BIN)/python -m pytest -q -p no:cacheprovider tests/clip
+
 # every strategy on the real architectures (vtc.testing.real_model, random weights, 2 decoder layers, the vision
 # towers' first 8 blocks): slow on a CPU. REAL_VISION_LAYERS=all runs the full towers; REAL=name one architecture.
 REAL_VISION_LAYERS ?= 8
@@ -96,4 +122,4 @@ gpu-check:
 	eval/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(CLIP_VENV) out .pytest_cache

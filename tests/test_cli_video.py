@@ -59,3 +59,54 @@ def test_demo_video_on_an_image_model_uses_frames_as_images(tmp_path, capsys):
     kept, total = rows["downsample"][1].split("/")
     assert sum(int(c.split("/")[0]) for c in per_frame) == int(kept) and int(total) % 2 == 0
     assert out.is_file()
+
+
+def _wide_clip(path: Path) -> Path:
+    """Four 160 x 80 frames: a red band on the left, a blue band on the right, grey between (a square centre crop
+    would show grey only)."""
+    import av
+    import numpy as np
+
+    pixels = np.full((80, 160, 3), 128, dtype=np.uint8)
+    pixels[:, :30] = (255, 0, 0)
+    pixels[:, -30:] = (0, 0, 255)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 160, 80, "yuv420p"
+        for _ in range(4):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _colour_pixels(picture: Image.Image) -> tuple[int, int]:
+    """(red, blue) pixels of the picture, dimmed ones included."""
+    import numpy as np
+
+    x = np.asarray(picture.convert("RGB")).astype(int)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    return int(((r > 50) & (g < 30) & (b < 30)).sum()), int(((b > 50) & (r < 30) & (g < 30)).sum())
+
+
+def test_frame_strips_keep_the_aspect_ratio(tmp_path, capsys):
+    """Non-square frames are shown whole (both side bands visible), not cropped to their centre square; on a video
+    model the token grid spans the whole frame, on an image model (LLaVA-1.5 centre-crops) its centre square."""
+    import numpy as np
+
+    from vtc import viz
+
+    clip = _wide_clip(tmp_path / "wide.mp4")
+    for extra in (["--model", "vtc-tiny-onevision"], ["--random-model"]):
+        out = tmp_path / f"strip{len(extra)}.png"
+        argv = ["demo", "--video", str(clip), "--frames", "2", "--strategy", "downsample", "--out", str(out), *extra]
+        assert cli.main(argv) == 0
+        with Image.open(out) as strip:
+            red, blue = _colour_pixels(strip)
+            # each 160 x 80 frame is a 160 x 80 panel: its 30 px bands are about 30 x 80 px each
+            assert red > 2 * 20 * 60 and blue > 2 * 20 * 60, (extra, red, blue)
+            assert strip.height < 300  # one strip: a title, 80 px panels with captions and gauges, the legend
+            framed = (np.asarray(strip.convert("RGB")) == viz.CROP_COLOUR).all(-1).sum()
+            assert (framed > 0) == ("--random-model" in extra)  # the image model's centre square is framed
+    capsys.readouterr()

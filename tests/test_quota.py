@@ -5,7 +5,9 @@ unpatched model on the one-frame prompt, realised per-frame budgets, and the inv
 cache == recompute from the same selection, exact unpatch, clear errors) on LLaVA-OneVision and Qwen2-VL video.
 """
 
+import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -193,7 +195,7 @@ def test_budgets_realised_per_frame_onevision(onevision):
     assert [p["budget"] for p in plan] == [4, 0, 0, 3, 2, 2, 2, 2]
     assert [p["kept"] for p in plan] == [len(u["kept"]) for sample in units for u in sample]
     assert [s.visual_after_pre_llm for s in report.samples] == [6, 8]
-    assert "8 frame scoring passes" in str(report)
+    assert "quota (callable scorer): 8 frame scoring passes" in str(report)
     assert "2 of 8 frames/images dropped" in str(report)
 
 
@@ -257,7 +259,7 @@ def test_cot_decoupling_runs_and_is_counted(onevision):
     with torch.no_grad(), vtc.patched(model, "quota", keep=0.5, **options) as handle:
         model(**inputs)
         report = str(handle.report())
-    assert "+2 CoT generations" in report and "8 frame scoring passes" in report
+    assert "+2 CoT generations" in report and "quota (the model itself): 8 frame scoring passes" in report
 
 
 def test_images_are_single_frames_without_scoring():
@@ -378,7 +380,7 @@ def test_separate_scorer_model_onevision(onevision):
         plan, strategy = handle.strategy.last_plan, handle.strategy
         images = frame_images(model, processor, handle.adapter.last_layout, [p["unit"] for p in plan])
         report = str(handle.report())
-    assert "8 frame scoring passes in 2 scorer forwards" in report
+    assert "quota (scorer VLM Qwen2VLForConditionalGeneration): 8 frame scoring passes in 2 scorer forwards" in report
     answer = strategy.answer_id(scorer_processor.tokenizer)
     prompt = QUERY_PROMPT.format(query="What happens?")
     for entry, image in zip(plan, images):
@@ -417,3 +419,45 @@ def test_keep_one_is_identity(onevision):
             assert "nothing scored" in str(handle.report())
     valid = inputs["attention_mask"].bool()
     assert out.shape == ref.shape and (out - ref)[valid].abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is not None, reason="open_clip is installed (.venv-clip)")
+def test_clip_scorer_without_open_clip_names_the_extra(onevision):
+    model, processor, _, _ = onevision
+    options = dict(processor=processor, scorer="clip", clip_model=torch.nn.Linear(1, 1), clip_tokenizer=str.split)
+    with pytest.raises(ImportError, match=r"pip install 'vtc-vlm\[clip\]'"):
+        vtc.patch(model, "quota", keep=0.25, **options)
+    with pytest.raises(ImportError, match="make clip-setup"):
+        vtc.patch(
+            model,
+            "quota",
+            keep=0.25,
+            processor=processor,
+            scorer="clip",
+            clip_name="ViT-B-32",
+            clip_pretrained="openai",
+        )
+    assert "forward" not in vars(model.model.language_model)
+
+
+def test_clip_scorer_bad_arguments(onevision):
+    """Checked before open_clip is imported: the same errors with or without the extra."""
+    model, processor, _, _ = onevision
+    clip = dict(clip_model=torch.nn.Linear(1, 1), clip_tokenizer=str.split)
+    cases = [
+        (dict(scorer="clop"), "scorer= takes 'clip' or a callable"),
+        (dict(clip_name="ViT-B-32"), "clip_name only apply with scorer='clip'"),
+        (dict(scorer=lambda f, g, p: torch.ones(len(f)), **clip), "clip_model, clip_tokenizer only apply"),
+        (dict(scorer="clip"), "needs clip_model= and clip_tokenizer="),
+        (dict(scorer="clip", clip_name="ViT-B-32", **clip), "not both"),
+        (dict(scorer="clip", clip_model=torch.nn.Linear(1, 1)), "needs its clip_tokenizer="),
+        (dict(scorer="clip", clip_name="ViT-B-32", clip_tokenizer=str.split), "drop clip_tokenizer="),
+        (dict(scorer="clip", clip_name="ViT-B-32"), "without clip_pretrained= would build it with random weights"),
+        (dict(scorer="clip", scorer_model=torch.nn.Linear(1, 1), scorer_processor=processor, **clip), "pass one"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            vtc.patch(model, "quota", keep=0.25, processor=processor, **options)
+    with pytest.raises(ValueError, match=re.escape("needs the model's processor (processor=)")):
+        vtc.patch(model, "quota", keep=0.25, scorer="clip", query="What?", **clip)
+    assert "forward" not in vars(model.model.language_model)

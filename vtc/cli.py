@@ -231,6 +231,7 @@ def demo_video(args) -> int:
     model, processor, model_name = _load_model(args.model, args.random_model)
     clip = load_video(args.video, max_frames=args.frames)
     inputs, frames = _video_inputs(processor, clip, question)
+    image_model = getattr(processor, "video_token", None) is None
     stamps = ", ".join(f"{t:.2f}" for t in clip.timestamps or [])
     print(f"model: {model_name}\nvideo: {args.video}, {len(clip)}/{clip.total_frames} frames decoded by {clip.backend}")
     print(f"  at {clip.fps:g} fps; frame times (s): {stamps}")
@@ -261,7 +262,13 @@ def demo_video(args) -> int:
             title = f"{name} keep={keep}: kept {sum(map(len, per_unit))}/{sample.visual_in} visual tokens"
             strips.append(
                 frame_strip(
-                    shown, per_unit, layout.grids[0], budgets=budgets, size=max(f.width for f in shown), title=title
+                    shown,
+                    per_unit,
+                    layout.grids[0],
+                    budgets=budgets,
+                    size=max(max(f.size) for f in shown),
+                    title=title,
+                    crop=image_model,  # an image model's processor centre-crops; video processors resize
                 )
             )
             cells = " ".join(f"{len(k)}" + ("" if b is None else f"/{b}") for k, b in zip(per_unit, budgets))

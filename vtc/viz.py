@@ -382,6 +382,20 @@ def model_view(image: Image.Image, size: int) -> Image.Image:
     return ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
 
 
+def frame_view(image: Image.Image, size: int) -> Image.Image:
+    """The whole image, its aspect ratio kept, with its long side at `size` pixels."""
+    scale = size / max(image.width, image.height)
+    shape = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.convert("RGB").resize(shape, Image.Resampling.BICUBIC)
+
+
+def centre_square(image: Image.Image) -> tuple[float, float, float, float]:
+    """The centre square of an image as a box of fractions (x0, y0, x1, y1): what a centre crop keeps."""
+    side = min(image.width, image.height)
+    dx, dy = (image.width - side) / 2 / image.width, (image.height - side) / 2 / image.height
+    return (dx, dy, 1.0 - dx, 1.0 - dy)
+
+
 def overlay_kept(
     image: Image.Image,
     kept: torch.Tensor | list[int],
@@ -527,13 +541,20 @@ def frame_strip(
     columns: int | None = None,
     dim: float = 0.75,
     title: str | None = None,
+    crop: bool = False,
 ) -> Image.Image:
     """Frames left to right (rows of `columns`), each with its kept tokens outlined and its budget.
+
+    Each frame keeps its aspect ratio (resized to a long side of `size` pixels, shown at `display`); its token
+    grid spans the whole frame, as video processors resize frames (OneVision, Qwen2-VL) rather than crop them.
+    crop=True: the grid spans the frame's centre square, framed (LLaVA-1.5's processor: shortest edge resized,
+    centre crop), for frames fed to an image model.
 
     kept: per frame, indices into that frame's grid; or one flat index list over the frames' tokens
         concatenated (`handle.last_kept()[0]` for frames passed as the images of one prompt).
     budgets: the tokens each frame may keep (one int for all, or one per frame), shown with the count.
-    Every frame panel is `display` pixels wide; the picture is columns * display + (columns - 1) * GAP wide."""
+    Each frame panel's long side is `display` pixels: landscape (or square) frames in `columns` columns make a
+    picture columns * display + (columns - 1) * GAP wide."""
     n = len(frames)
     if n == 0:
         raise ValueError("frame_strip needs at least one frame")
@@ -552,8 +573,9 @@ def frame_strip(
     panels = []
     for f, (frame, k, b) in enumerate(zip(frames, kept_frames, budgets)):
         caption = f"frame {f}: kept {len(k)}" + ("" if b is None else f" / budget {b}")
-        view = model_view(frame, size)
-        panel = overlay_tokens(view, k, grid, dim=dim, title=caption, display=display, legend=False, caption_size=13)
+        view = frame_view(frame, size)
+        parts = [Partition(tuple(grid), centre_square(view) if crop else (0.0, 0.0, 1.0, 1.0))]
+        panel = overlay_tokens(view, k, parts, dim=dim, title=caption, display=display, legend=False, caption_size=13)
         panels.append(_with_budget_bar(panel, len(k), b, per_frame))
     columns = n if columns is None else max(1, min(columns, n))
     strip = grid_of_panels(panels, columns)

@@ -36,6 +36,19 @@ Our choices (the official code patches LLaVA-Video's `prepare_inputs_labels_for_
   `scorer_model=` and `scorer_processor=`; each frame, rebuilt from the pixels the model saw (normalisation
   undone; for Qwen2-VL the first frame of each temporal patch), is asked as one *image* prompt, as the
   official `tools/qwen2vl_batch.py`. `scorer=` takes any callable (features (F, N, D), grid, prompt) -> p.
+- CLIP scorer (`scorer="clip"`, a deviation from the paper, which asks a VLM): an open_clip model scores each
+  frame by the cosine similarity of its image embedding and the text embedding of the question (the objects,
+  comma-joined, when `objects=` or CoT gives them, else the query), clamped at 0 (a negative similarity counts as
+  no evidence, as p = 0); that score replaces p_i and the allocation w_i = (100 p_i)^2 is unchanged. One image
+  encoder pass per frame instead of a VLM prefill per frame. The model comes as `clip_model=` + `clip_tokenizer=`
+  (+ optional `clip_preprocess=`, else open_clip's eval transform from the model's own image size, mean and std),
+  or `clip_name=` (+ `clip_pretrained=`: a tag of the user's open_clip cache or a local checkpoint file; required
+  unless the name is an "hf-hub:" one, so that no random-weight CLIP scores silently), loaded with open_clip's
+  `create_model_and_transforms` (which downloads what is not cached; HF_HUB_OFFLINE=1 forbids it).
+  `last_prompts` holds CLIP's text. The frames it sees are those the VLM saw: rebuilt from the
+  processor's pixel values (`frame_images`, as the separate scorer VLM), then CLIP's preprocessing; the raw
+  decoded frames never reach the strategy. open_clip (the `clip` extra, which needs torchvision) is imported
+  only on this path.
 - Query: `query=` if given, else the text tokens after the sample's last visual token (all its text tokens
   when none follow), decoded with the processor's tokenizer (special tokens skipped) minus the chat template's
   generation tail; their ids are read back exactly from the embeddings (each text embedding is one row of the
@@ -51,7 +64,8 @@ Our choices (the official code patches LLaVA-Video's `prepare_inputs_labels_for_
   `ast.literal_eval` (never `eval`) when "Step 1: yes", else no objects (the query form of the question).
 - Images (and LLaVA-NeXT crops) are single frames: weight 1, no scoring pass, reduced to their budget by the
   same reduction (so on images QuoTA is a bilinear-resize baseline). keep=1.0 keeps everything unscored.
-- `handle.report()` notes the scoring passes (frames scored, scorer forwards, seconds) of each prefill;
+- `handle.report()` notes the scorer (the model itself, a scorer VLM, clip, a callable) and its scoring passes
+  (frames scored, scorer forwards, seconds) of each prefill;
   `strategy.last_plan` lists per unit p, weight, budget n_i and realised grid.
 """
 
@@ -83,6 +97,7 @@ To answer this question, please follow the following step to give an object list
     Step 2: If 'yes' in previous step, then what object in the video do you think needs to be detected to answer this question? Please only output the name of all the objects need to detect in the form of a Python list without other information.
     Step 3: Filter the object list provided in step 2, make sure they are physical entities, not abstract concepts. Please only output the name of the filtered object in the form of a Python list without other information. If all the words being filtered, please only output null."""  # noqa: E501  (the paper's prompt, its in-context examples left out)
 REDUCTIONS = ("bilinear", "pool", "tome")
+CLIP_HINT = "pip install 'vtc-vlm[clip]' (open_clip_torch, which needs torchvision; `make clip-setup` in a checkout)"
 _MARK = "QUOTAQUERYMARK"
 
 
@@ -202,11 +217,66 @@ class QuoTA(Strategy):
         weight_scale: tuple[float, float] = (100.0, 2.0),
         answer_token: str | int = "A",
         score_batch: int = 32,
-        scorer: Callable | None = None,
+        scorer: Callable | str | None = None,
         scorer_model: torch.nn.Module | None = None,
         scorer_processor=None,
+        clip_model: torch.nn.Module | None = None,
+        clip_tokenizer: Callable | None = None,
+        clip_preprocess: Callable | None = None,
+        clip_name: str | None = None,
+        clip_pretrained: str | None = None,
     ):
         super().__init__(keep)
+        clip_args = dict(
+            clip_model=clip_model,
+            clip_tokenizer=clip_tokenizer,
+            clip_preprocess=clip_preprocess,
+            clip_name=clip_name,
+            clip_pretrained=clip_pretrained,
+        )
+        given = [k for k, v in clip_args.items() if v is not None]
+        if isinstance(scorer, str) and scorer != "clip":
+            raise ValueError(f"scorer= takes 'clip' or a callable (features, grid, prompt) -> p, got {scorer!r}")
+        if scorer != "clip" and given:
+            raise ValueError(f"{', '.join(given)} only apply with scorer='clip'")
+        if scorer == "clip":
+            if scorer_model is not None:
+                raise ValueError("scorer='clip' and scorer_model= are two different frame scorers: pass one")
+            if (clip_model is None) == (clip_name is None):
+                raise ValueError(
+                    "scorer='clip' needs clip_model= and clip_tokenizer= (open_clip objects) or clip_name= (an "
+                    "open_clip model name, with clip_pretrained= a cached tag or a checkpoint file), not both"
+                )
+            if clip_model is not None and clip_tokenizer is None:
+                raise ValueError("scorer='clip' with clip_model= needs its clip_tokenizer= (open_clip.get_tokenizer)")
+            if clip_name is not None and (clip_tokenizer is not None or clip_preprocess is not None):
+                raise ValueError(
+                    "clip_name= loads the tokenizer and preprocessing itself: drop clip_tokenizer=/"
+                    "clip_preprocess=, or pass clip_model= instead of clip_name="
+                )
+            if clip_name is not None and clip_pretrained is None and not clip_name.startswith("hf-hub:"):
+                raise ValueError(
+                    f"clip_name={clip_name!r} without clip_pretrained= would build it with random weights: pass "
+                    "the pretrained tag you have cached (e.g. 'openai') or a checkpoint file, or an 'hf-hub:' name"
+                )
+            if processor is None:
+                raise ValueError(
+                    "scorer='clip' needs the model's processor (processor=) to rebuild the frames the model saw"
+                )
+            open_clip = import_open_clip()
+            if clip_name is not None:
+                clip_model, _, clip_preprocess = open_clip.create_model_and_transforms(
+                    clip_name, pretrained=clip_pretrained
+                )
+                clip_model, clip_tokenizer = clip_model.eval(), open_clip.get_tokenizer(clip_name)
+            elif clip_preprocess is None:
+                visual = clip_model.visual
+                clip_preprocess = open_clip.image_transform(
+                    visual.image_size,
+                    is_train=False,
+                    mean=getattr(visual, "image_mean", None),
+                    std=getattr(visual, "image_std", None),
+                )
         if reduction not in REDUCTIONS:
             raise ValueError(
                 f"reduction must be one of {', '.join(REDUCTIONS)} (official v1, v2, v4), got {reduction!r}"
@@ -226,6 +296,8 @@ class QuoTA(Strategy):
         self.reduction, self.weight_scale = reduction, weight_scale
         self.answer_token, self.score_batch, self.scorer = answer_token, score_batch, scorer
         self.scorer_model, self.scorer_processor = scorer_model, scorer_processor
+        self.clip_model, self.clip_tokenizer, self.clip_preprocess = clip_model, clip_tokenizer, clip_preprocess
+        self.clip_name = clip_name
         self.notes: list[str] = []
         self.last_plan: list[dict] = []
         self.last_prompts: dict[tuple, str] = {}  # video -> the frame question asked in the last prefill
@@ -243,7 +315,8 @@ class QuoTA(Strategy):
             )
 
     def describe(self) -> str:
-        return f"quota(keep={self.keep}, reduction={self.reduction}{', cot' if self.cot else ''})"
+        scorer = ", scorer=clip" if self.scorer == "clip" else ""
+        return f"quota(keep={self.keep}, reduction={self.reduction}{scorer}{', cot' if self.cot else ''})"
 
     # --- selection ---------------------------------------------------------------------------------
     def select(self, visual: VisualTokens):
@@ -286,7 +359,7 @@ class QuoTA(Strategy):
                 )
         s = self._stats
         self.notes = [
-            f"quota: {s['frames']} frame scoring passes in {s['forwards']} scorer forwards "
+            f"quota ({self.scorer_name()}): {s['frames']} frame scoring passes in {s['forwards']} scorer forwards "
             f"(+{s['cot']} CoT generations) took {s['seconds']:.3f} s before the prefill; "
             f"{sum(p['budget'] == 0 for p in self.last_plan)} of {len(self.last_plan)} frames/images dropped"
         ]
@@ -310,9 +383,17 @@ class QuoTA(Strategy):
                 )
                 self._stats["cot"] += 1
         prompt = OBJECT_PROMPT.format(objects=", ".join(objects)) if objects else QUERY_PROMPT.format(query=query)
+        if self.scorer == "clip":  # CLIP's text: the objects or the question itself, not the yes/no prompt
+            prompt = ", ".join(objects) if objects else query
         self.last_prompts[key] = prompt
         features = visual.features[rows]
-        if self.scorer is not None:
+        if self.scorer == "clip":
+            images = frame_images(
+                model, self.processor, visual.context["layout"], [int(visual.image_index[r]) for r in rows]
+            )
+            probs = self.clip_scores(images, prompt).clamp(min=0).double()
+            self._stats["forwards"] += -(-len(rows) // self.score_batch)
+        elif self.scorer is not None:
             probs = torch.as_tensor(self.scorer(features, visual.grid, prompt), dtype=torch.float64).flatten()
             self._stats["forwards"] += 1
         elif self.scorer_model is not None and self.scorer_model is not model:
@@ -339,6 +420,35 @@ class QuoTA(Strategy):
         self._stats["frames"] += len(rows)
         self._stats["seconds"] += time.perf_counter() - start
         return probs.cpu()
+
+    @property
+    def last_scoring(self) -> dict:
+        """The last prefill's scoring: frames scored, scorer forwards, CoT generations, seconds, and the scorer."""
+        return dict(self._stats, scorer=self.scorer_name())
+
+    def scorer_name(self) -> str:
+        """Which scorer the notes name: "clip <architecture>", "scorer VLM <class>", "callable" or "the model"."""
+        if self.scorer == "clip":
+            return f"clip {self.clip_name or type(self.clip_model).__name__}"
+        if self.scorer is not None:
+            return "callable scorer"
+        if self.scorer_model is not None:
+            return f"scorer VLM {type(self.scorer_model).__name__}"
+        return "the model itself"
+
+    @torch.no_grad()
+    def clip_scores(self, images: list, text: str) -> torch.Tensor:
+        """Cosine similarity of each image's CLIP embedding with the text's (float32, on the CPU; unclamped)."""
+        model = self.clip_model
+        weight = next(model.parameters())
+        tokens = self.clip_tokenizer([text]).to(weight.device)
+        text_embedding = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        out = []
+        for i in range(0, len(images), self.score_batch):
+            pixels = torch.stack([self.clip_preprocess(im) for im in images[i : i + self.score_batch]])
+            image_embedding = F.normalize(model.encode_image(pixels.to(weight.device, weight.dtype)).float(), dim=-1)
+            out.append((image_embedding @ text_embedding.T)[:, 0])
+        return torch.cat(out).cpu()
 
     def answer_id(self, tokenizer=None) -> int:
         """Vocabulary id of the answer "A" (Qwen2: 32, the official `a_token_id`)."""
@@ -509,6 +619,15 @@ def frame_images(model, processor, layout, units: list[int]) -> list:
         image = (pixels.detach().float().cpu() * std + mean).clamp(0, 1)
         out.append(Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()))
     return out
+
+
+def import_open_clip():
+    """open_clip, imported on first use (the `clip` extra), or an ImportError naming the extra."""
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError(f"quota's scorer='clip' needs open_clip: {CLIP_HINT}") from error
+    return open_clip
 
 
 def _video_of(layout, unit: int) -> tuple:

@@ -5,6 +5,7 @@
 - `vtc.testing.qwen2_vl`: Qwen2-VL and Qwen2.5-VL
 - `vtc.testing.qwen3_vl`: Qwen3-VL and Qwen3-VL-MoE
 - `vtc.testing.internvl`: InternVL (-hf)
+- `vtc.testing.clip`: a tiny open_clip CLIP for QuoTA's `scorer="clip"` (needs the `clip` extra; not re-exported)
 - `vtc.testing.real` (re-exported here): real architectures (published configs, random weights, depth cut on
   request) and their offline processors: `real_config`, `real_model`, `real_processor`, `real_inputs`
 
