@@ -59,6 +59,7 @@ class EVS(Strategy):
     stage = "pre_llm"
     paper = "Bagrov et al., Efficient Video Sampling, arXiv:2510.14624, 2025 (vLLM vllm/multimodal/evs.py)"
     default_keep = 0.25
+    video_only = True  # image prompts are refused at their first forward
     last_plan = PerThread([])  # per video of the last prefill: key, tokens kept per frame
 
     def __init__(self, keep: float | int = 0.25, frames: str = "video"):
