@@ -1,24 +1,25 @@
 """EVS: Efficient Video Sampling, drop the video tokens nearly equal to the same place in the previous frame.
 
-Bagrov et al. (NVIDIA), "Efficient Video Sampling: Pruning Temporally Redundant Tokens for Faster VLM Inference",
-arXiv:2510.14624, 2025; the code is vLLM's `vllm/multimodal/evs.py` (github.com/vllm-project/vllm, read at commit
-094f117: `compute_retained_tokens_count`, `compute_retention_mask`), called by its Qwen2.5-VL / Qwen3-VL / Nemotron
-models on each video's embeddings after the merger, before the LLM. As there, per video of T frames (Qwen-VL:
+"Efficient Video Sampling: Pruning Temporally Redundant Tokens for Faster VLM Inference", arXiv:2510.14624, 2025;
+the code is vLLM's `vllm/multimodal/evs.py` (github.com/vllm-project/vllm, read at commit 094f117:
+`compute_retained_tokens_count`, `compute_retention_mask`), which vLLM's video models apply to each video's
+embeddings after the vision encoder and projector, before the LLM. As there, per video of T frames (Qwen-VL:
 temporal patches) of n tokens each, D channels:
 
 - dissimilarity of the token at (t, h, w) = 1 - cosine(x[t, h, w], x[t - 1, h, w]) (`F.cosine_similarity`), and 255
   for every token of the first frame, so the first frame is always kept whole;
 - retained = max(n, int(T n (1 - q))), q the pruning rate: the `retained` most dissimilar tokens of the whole video
   (a stable descending sort of the flattened (T, h, w) scores: ties go to the earlier token) are kept, in their
-  original order at their original (t, h, w) positions (vLLM recomputes M-RoPE ids the same way:
-  `compute_mrope_for_media`), so frames keep different counts.
+  original order at their original (t, h, w) positions (vLLM builds the media's M-RoPE ids on the full grid,
+  `compute_mrope_for_media`, and patches them into the prompt's positions), so frames keep different counts.
 
 Ours: `keep` is the retention rate 1 - q (retained = max(n, int(T n keep))); an int keep is tokens per frame on
 average (retained = max(n, keep T)). Scores are computed in float32 (vLLM: in the embeddings' dtype). Images have no
-previous frame and vLLM never prunes them: EVS refuses an image (or a LLaVA-NeXT crop) it is asked to prune, naming
-the video-only rule (keep=1 passes everything through). Frames are the adapter's video units (OneVision: a pooled
-frame; Qwen2-VL / 2.5-VL / 3-VL: a temporal patch); InternVL receives videos as pictures: `frames="sample"` takes the
-pictures of a sample as the consecutive frames of one video. Selection is one batched sort per video.
+previous frame and vLLM's code prunes videos only: EVS refuses an image (or a LLaVA-NeXT crop) it is asked to prune,
+naming the video-only rule (a keep that leaves an image whole, e.g. 1.0, passes it through). Frames are the
+adapter's video units (OneVision: a pooled frame; Qwen2-VL / 2.5-VL / 3-VL: a temporal patch); InternVL receives
+videos as pictures: `frames="sample"` takes the pictures of a sample as the consecutive frames of one video.
+Selection is one batched sort per video.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class EVS(Strategy):
     name = "evs"
     aliases = ("efficient_video_sampling",)
     stage = "pre_llm"
-    paper = "Bagrov et al., Efficient Video Sampling, arXiv:2510.14624, 2025 (vLLM vllm/multimodal/evs.py)"
+    paper = "Efficient Video Sampling, arXiv:2510.14624, 2025 (vLLM vllm/multimodal/evs.py)"
     default_keep = 0.25
     video_only = True  # image prompts are refused at their first forward
     last_plan = PerThread([])  # per video of the last prefill: key, tokens kept per frame
