@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import vtc
 from vtc import data
+from vtc.strategies.base import prunes_images
 from vtc.testing import load_tiny_vlm, tiny_vlm_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -189,7 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    strategies = args.strategies or [s for s in vtc.list_strategies() if s != "none"]
+    strategies = args.strategies or [s for s in vtc.list_strategies() if s != "none" and prunes_images(s)]
 
     model, processor = load_tiny_vlm(args.model)
     samples = data.make_scene_qa(args.n, data.HELDOUT_SEED)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import vtc  # noqa: E402
 from eval.bench_overhead import short_input_reference  # noqa: E402
 from vtc.budget import prefill_flops  # noqa: E402
+from vtc.strategies.base import prunes_images  # noqa: E402
 from vtc.testing import llava_inputs, make_image, tiny_llava, tiny_llava_processor  # noqa: E402
 from vtc.testing.qwen2_vl import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl  # noqa: E402
 from vtc.testing.real import REAL_NAMES, real_image_size, real_inputs, real_model  # noqa: E402
@@ -150,7 +151,7 @@ def run(args) -> list[dict]:
     peaks = device_peaks(args.device, dtype, args.peak_tflops, args.peak_gbps)
     weights = weight_bytes(model)
     config = model.config.text_config
-    strategies = args.strategies or [s for s in vtc.list_strategies() if s != "none"]
+    strategies = args.strategies or [s for s in vtc.list_strategies() if s != "none" and prunes_images(s)]
     jobs = [(b, s, k) for b in args.batch for s in strategies for k in args.keep]
     rows = []
     base: dict[int, dict] = {}

@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 import vtc
+from vtc.strategies.base import prunes_images
 from vtc.testing import llava_inputs, make_image, tiny_llava, tiny_llava_processor
 
 
@@ -121,7 +122,7 @@ def run(quick: bool = False, keeps=(0.1, 0.25, 0.5), strategies=None, repeats: i
     model, processor = mid_size_llava(quick)
     inputs = llava_inputs(processor, ["Describe the picture in detail, please."], [[make_image(0)]])
     visual = inputs["input_ids"][0] == model.config.image_token_id
-    strategies = strategies or [s for s in vtc.list_strategies() if s != "none"]
+    strategies = strategies or [s for s in vtc.list_strategies() if s != "none" and prunes_images(s)]
     rows = []
     with torch.no_grad():
         for name in strategies:

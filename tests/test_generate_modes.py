@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vtc
+from vtc.strategies.base import prunes_images
 from vtc.testing import llava_inputs, make_image, tiny_llava, tiny_llava_processor
 from vtc.testing.internvl import internvl_inputs, tiny_internvl, tiny_internvl_processor
 from vtc.testing.internvl import make_wide_image as make_internvl_wide_image
@@ -369,7 +370,7 @@ def test_kv_policy_refuses_beams_and_foreign_caches(llava, batch3):
             )
 
 
-@pytest.mark.parametrize("strategy", vtc.list_strategies())
+@pytest.mark.parametrize("strategy", [s for s in vtc.list_strategies() if prunes_images(s)])
 def test_every_strategy_beams_on_llava(strategy, llava, processor):
     """Every strategy under beam search (LLaVA-1.5, one image and two images): the two-image sample's beams in the
     (padded) batch equal its beams alone, and the report keeps what a plain forward keeps."""

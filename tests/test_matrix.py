@@ -47,6 +47,10 @@ UNSUPPORTED = {
 }
 for _family in ("llava_onevision", "llava_onevision_video"):  # SCOPE's saliency, MustDrop's key tokens: [CLS]
     UNSUPPORTED[_family].update(scope="[CLS]", mustdrop="[CLS]")
+# video-only strategies: the image cases' prompts are refused at their first forward, naming the rule (EVS compares
+# each token with the previous frame's; vLLM never prunes images)
+VIDEO_ONLY = {"evs": "prunes video frames only"}
+IMAGE_CASES = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen3_vl", "internvl"}
 # tiny grids have few whole 3 x 3 windows: MustDrop's in-LLM filter, with thresholds that drop on tiny models, shows
 STRATEGY_OPTIONS = {"mustdrop": {"global_thr": 0.3, "individual_thr": 0.3}}
 
@@ -114,6 +118,12 @@ def test_strategy_runs_on_adapter(case, strategy):
         with pytest.raises(ValueError, match=missing.replace("[", r"\[").replace("]", r"\]")):
             vtc.patch(model, strategy, keep=0.25, processor=processor)
         assert "forward" not in vars(model.model.language_model)
+        return
+    if strategy in VIDEO_ONLY and name in IMAGE_CASES:
+        with torch.no_grad(), vtc.patched(model, strategy, keep=0.25) as handle:
+            with pytest.raises(ValueError, match=VIDEO_ONLY[strategy]):
+                model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert not handle.active and "forward" not in vars(model.model.language_model)
         return
     eos = model.config.text_config.eos_token_id
     prompt = inputs["input_ids"].shape[1]

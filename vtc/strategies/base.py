@@ -79,6 +79,7 @@ class Strategy:
     aliases: ClassVar[tuple[str, ...]] = ()
     stage: ClassVar[str] = "pre_llm"  # "pre_llm" or "llm"
     paper: ClassVar[str] = ""
+    video_only: ClassVar[bool] = False  # True: prunes video frames only and refuses image prompts (EVS)
 
     def __init__(self, keep: float | int = 1.0):
         validate_keep(keep)
@@ -174,6 +175,11 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 def list_strategies() -> list[str]:
     """Canonical names of the registered strategies."""
     return sorted({cls.name for cls in _REGISTRY.values()})
+
+
+def prunes_images(name: str) -> bool:
+    """Whether the strategy `name` prunes images (False for the video-only ones, which refuse image prompts)."""
+    return not get_strategy_class(name).video_only
 
 
 def get_strategy_class(name: str) -> type[Strategy]:

@@ -83,6 +83,7 @@ import torch.nn.functional as F
 from ..local import PerThread
 from .base import Strategy, VisualTokens, register_strategy
 from .tome import merge_to_budget
+from .video_groups import video_of as _video_of
 
 OBJECT_PROMPT = (
     "Does the image contain any object of {objects}? A. yes, B. no\nAnswer with the option's letter directly."
@@ -629,12 +630,3 @@ def import_open_clip():
         raise ImportError(f"quota's scorer='clip' needs open_clip: {CLIP_HINT}") from error
     return open_clip
 
-
-def _video_of(layout, unit: int) -> tuple:
-    """Which video a unit is a frame of ("video", index), or ("unit", unit) for an image or crop."""
-    info = (layout.extras.get("units") or [None] * (unit + 1))[unit] or {}
-    if info.get("role") == "frame" and info.get("video") is not None:  # LLaVA-OneVision
-        return ("video", info["video"])
-    if info.get("kind") == "video":  # Qwen2-VL / Qwen2.5-VL: one unit per temporal patch
-        return ("video", info["index"])
-    return ("unit", unit)
