@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup eval-setup demo test test-real bench gpu-check clean vllm-setup vllm-test vllm-test-all clip-setup clip-test
+.PHONY: setup eval-setup demo test test-real test-video-all bench gpu-check clean vllm-setup vllm-test vllm-test-all clip-setup clip-test
 
 setup: $(VENV)/.installed
 
@@ -113,6 +113,10 @@ REAL ?=
 test-real: setup
 	VTC_REAL_VISION_LAYERS=$(REAL_VISION_LAYERS) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow \
 		tests/test_real.py $(if $(REAL),-k "$(REAL)-")
+
+# every video strategy on every video family (tests/test_video_*.py cells marked `slow`; CI runs one family each)
+test-video-all: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests/test_video_evs_vidcom2_fastvid.py
 
 bench: setup
 	$(BIN)/vtc bench --model tiny
