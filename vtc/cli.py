@@ -12,7 +12,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_STRATEGIES = ("vtc_cls", "fopru", "fastv")
 DEFAULT_QUESTION = "What colour is the circle?"
 DEFAULT_VIDEO_STRATEGIES = ("quota", "downsample", "fastv")
-DEFAULT_VIDEO_QUESTION = "What moves in the video?"
+DEFAULT_VIDEO_QUESTION = "Which shape moves?"
 
 
 def _load_default_model(random_model: bool):
@@ -26,6 +26,20 @@ def _load_default_model(random_model: bool):
         except FileNotFoundError:
             pass
     return testing.tiny_llava(), testing.tiny_llava_processor(), "random-weight tiny LLaVA (vtc.testing.tiny_llava)"
+
+
+def _load_default_video_model(random_model: bool):
+    """The embedded video default: the tiny Qwen2-VL trained here on moving-shapes clips when its weights ship,
+    else the image default (frames as images)."""
+    if not random_model:
+        from .testing.qwen2_vl import load_tiny_video_vlm
+
+        try:
+            model, processor = load_tiny_video_vlm()
+            return model, processor, "tiny video VLM trained on moving-shapes clips (assets/tiny_video_vlm)"
+        except FileNotFoundError:
+            pass
+    return _load_default_model(random_model)
 
 
 def _prefill_ms(model, inputs, repeats: int = 3) -> float:
@@ -228,7 +242,10 @@ def demo_video(args) -> int:
     keep = 0.5 if args.keep is None else args.keep
     strategies = args.strategy or list(DEFAULT_VIDEO_STRATEGIES)
     question = args.question if args.question != DEFAULT_QUESTION else DEFAULT_VIDEO_QUESTION
-    model, processor, model_name = _load_model(args.model, args.random_model)
+    if args.model is None:
+        model, processor, model_name = _load_default_video_model(args.random_model)
+    else:
+        model, processor, model_name = _load_model(args.model, args.random_model)
     clip = load_video(args.video, max_frames=args.frames)
     inputs, frames = _video_inputs(processor, clip, question)
     image_model = getattr(processor, "video_token", None) is None
@@ -343,7 +360,7 @@ def main(argv=None) -> int:
     p.add_argument("--video", default=None, help="a video file, e.g. assets/shapes.mp4: per-frame budgets, frame strip")
     p.add_argument("--frames", type=int, default=8, help="with --video: frames sampled, evenly spread (default 8)")
     p.add_argument("--model", default=None, help="with --video: a tiny id (vtc-tiny-qwen2-vl, vtc-tiny-onevision, ...) "
-                   "or a HF checkpoint; default: the embedded tiny VLM, frames as images")  # fmt: skip
+                   "or a HF checkpoint; default: the tiny video VLM (assets/tiny_video_vlm)")  # fmt: skip
     p.add_argument("--question", default=DEFAULT_QUESTION)
     p.add_argument("--sample", type=int, default=0, help="which held-out scene (trained model only)")
     p.add_argument("--out", default="out/demo.png")

@@ -109,7 +109,7 @@ def _place_objects(rng: np.random.Generator) -> list[dict]:
 
 
 def _draw(draw: ImageDraw.ImageDraw, obj: dict, fill) -> None:
-    half = SIZES[obj["size"]] / 2
+    half = (obj["px"] if "px" in obj else SIZES[obj["size"]]) / 2
     x, y = obj["x"], obj["y"]
     x0, y0, x1, y1 = x - half, y - half, x + half - 1, y + half - 1
     shape = obj["shape"]
@@ -211,3 +211,138 @@ def make_scene_qa(n: int, seed: int) -> list[dict]:
     The same (n, seed) always gives the same samples; sample i does not depend on n. The held-out split is
     `make_scene_qa(n, HELDOUT_SEED)`."""
     return [make_sample(seed, i) for i in range(n)]
+
+
+# --- video clips (issue 22) -----------------------------------------------------------------------------
+# Moving-shapes clips: VIDEO_FRAMES frames of VIDEO_SIZE x VIDEO_SIZE px on a plain noisy background, with
+# objects of VIDEO_OBJECT px (shapes x colours as above), each centred in a cell of a 4 x 4 grid of 28 px cells
+# (the cells of Qwen2-VL's merged visual tokens at this size). Some objects are there from frame 0 (at most one of
+# them moves, 4 px a frame along a row or a column, into the next cell); others enter (appear where they stay) at
+# frame 2, 4 or 6, i.e. at the start of a pair of frames, which Qwen2-VL's temporal patches (2 frames) keep apart.
+# Question kinds (the "kind" key, `VIDEO_KINDS`):
+#
+#     moves    "which shape moves ?"                      asked when one object moves
+#     appears  "what colour appears in the last frames ?" asked when exactly one object enters in the second half
+#                                                         (frame 4 or 6): its colour
+#     enters   "how many objects enter ?"                 objects that appear after frame 0: "zero" .. "three"
+#     first    "which shape comes first ?"                asked when one object appears before all the others
+#
+# Sample i of seed s is drawn from `numpy.random.default_rng((s, i))` (as for scenes); the held-out split is
+# `make_video_qa(n, HELDOUT_SEED)`.
+
+VIDEO_SIZE = 112
+VIDEO_FRAMES = 8
+VIDEO_OBJECT = 22
+VIDEO_KINDS = ("moves", "appears", "enters", "first")
+ENTER_FRAMES = (2, 4, 6)
+VIDEO_QUESTIONS = {
+    "moves": "which shape moves ?",
+    "appears": "what colour appears in the last frames ?",
+    "enters": "how many objects enter ?",
+    "first": "which shape comes first ?",
+}
+VIDEO_CELL = 28  # px: the cell of one merged visual token of Qwen2-VL (14 px patches, 2 x 2 merge)
+VIDEO_GRID = VIDEO_SIZE // VIDEO_CELL
+VIDEO_SPEED = VIDEO_CELL // (VIDEO_FRAMES - 1)  # px a frame: a moving object crosses one cell over the clip
+
+
+def video_vocabulary() -> list[str]:
+    """Every word a video question or answer can use (no special tokens), in a fixed order."""
+    words = [w for q in VIDEO_QUESTIONS.values() for w in q.split()]
+    return list(dict.fromkeys([*words, *SHAPES, *COLOURS, *NUMBERS[:4]]))
+
+
+def object_position(obj: dict, frame: int) -> tuple[int, int]:
+    """Centre (x, y) of a clip object at `frame` (moving objects go in a straight line from frame 0)."""
+    return obj["x"] + obj["vx"] * frame, obj["y"] + obj["vy"] * frame
+
+
+def video_layout(rng: np.random.Generator) -> list[dict]:
+    """Objects of one clip, each centred in its own cell of the VIDEO_GRID x VIDEO_GRID grid: 0-3 there from frame 0
+    (one of them moving with probability 0.8: VIDEO_SPEED px a frame along a row or a column, from its cell's
+    centre to the next cell's at the last frame), 0-3 entering at frame 2, 4 or 6; at least one object."""
+    while True:
+        n_start, n_enter = int(rng.integers(0, 4)), int(rng.integers(0, 4))
+        if n_start + n_enter:
+            break
+    mover = int(rng.integers(n_start)) if n_start and rng.random() < 0.8 else -1
+    free = [(r, c) for r in range(VIDEO_GRID) for c in range(VIDEO_GRID)]
+    objects: list[dict] = []
+    for k in range(n_start + n_enter):
+        vx = vy = 0
+        if k == mover:
+            moves = [(cell, d) for cell in free for d in ((0, 1), (0, -1), (1, 0), (-1, 0))
+                     if (cell[0] + d[0], cell[1] + d[1]) in free]
+            (r, c), (dr, dc) = moves[int(rng.integers(len(moves)))]
+            free.remove((r + dr, c + dc))
+            vx, vy = dc * VIDEO_SPEED, dr * VIDEO_SPEED
+        else:
+            r, c = free[int(rng.integers(len(free)))]
+        free.remove((r, c))
+        objects.append({"shape": SHAPES[int(rng.integers(len(SHAPES)))],
+                        "colour": list(COLOURS)[int(rng.integers(len(COLOURS)))],
+                        "x": c * VIDEO_CELL + VIDEO_CELL // 2, "y": r * VIDEO_CELL + VIDEO_CELL // 2,
+                        "vx": vx, "vy": vy,
+                        "enter": 0 if k < n_start else int(ENTER_FRAMES[int(rng.integers(len(ENTER_FRAMES)))])})
+    return objects
+
+
+def ask_video(kind: str, objects: list[dict]) -> tuple[str, str] | None:
+    """(question, answer) of the given kind about a clip's objects, or None when the clip does not answer it."""
+    if kind == "moves":
+        moving = [o for o in objects if o["vx"] or o["vy"]]
+        return (VIDEO_QUESTIONS[kind], moving[0]["shape"]) if len(moving) == 1 else None
+    if kind == "appears":
+        late = [o for o in objects if o["enter"] >= VIDEO_FRAMES // 2]
+        return (VIDEO_QUESTIONS[kind], late[0]["colour"]) if len(late) == 1 else None
+    if kind == "enters":
+        return VIDEO_QUESTIONS[kind], NUMBERS[sum(o["enter"] > 0 for o in objects)]
+    if kind == "first":
+        earliest = min(o["enter"] for o in objects)
+        first = [o for o in objects if o["enter"] == earliest]
+        return (VIDEO_QUESTIONS[kind], first[0]["shape"]) if len(first) == 1 else None
+    raise ValueError(f"unknown video question kind {kind!r}; known: {', '.join(VIDEO_KINDS)}")
+
+
+def render_clip(objects: list[dict], rng: np.random.Generator) -> tuple[list[Image.Image], np.ndarray]:
+    """Draw a clip: (VIDEO_FRAMES RGB frames, masks (T, H, W) uint8: 1 + index of the object drawn there)."""
+    base = rng.uniform(70, 140) + rng.uniform(-15, 15, size=3)
+    background = base[None, None, :] + rng.normal(0, 6, size=(VIDEO_SIZE, VIDEO_SIZE, 3))
+    fills = [tuple(int(c) for c in np.clip(np.array(COLOURS[o["colour"]]) + rng.integers(-12, 13, size=3), 0, 255))
+             for o in objects]
+    background = np.clip(background, 0, 255).astype(np.uint8)
+    frames, masks = [], []
+    for f in range(VIDEO_FRAMES):
+        image = Image.fromarray(background)
+        mask = Image.new("L", (VIDEO_SIZE, VIDEO_SIZE), 0)
+        draw, draw_mask = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+        for k, obj in enumerate(objects):
+            if obj["enter"] <= f:
+                x, y = object_position(obj, f)
+                placed = {"shape": obj["shape"], "px": VIDEO_OBJECT, "x": x, "y": y}
+                _draw(draw, placed, fills[k])
+                _draw(draw_mask, placed, k + 1)
+        frames.append(image)
+        masks.append(np.asarray(mask))
+    return frames, np.stack(masks)
+
+
+def make_video_sample(seed: int, index: int) -> dict:
+    """Sample `index` of the video stream `seed` (see `make_video_qa`)."""
+    rng = np.random.default_rng((seed, index))
+    kind = VIDEO_KINDS[int(rng.integers(len(VIDEO_KINDS)))]
+    while True:
+        objects = video_layout(rng)
+        qa = ask_video(kind, objects)
+        if qa is not None:
+            frames, masks = render_clip(objects, rng)
+            return {"video": frames, "question": qa[0], "answer": qa[1], "kind": kind, "objects": objects,
+                    "masks": masks}
+
+
+def make_video_qa(n: int, seed: int) -> list[dict]:
+    """`n` seeded clips with one question each: dicts with "video" (VIDEO_FRAMES PIL 112x112 RGB frames),
+    "question", "answer" (one word), "kind" (one of VIDEO_KINDS), "objects" (shape, colour, centre x/y at frame 0,
+    velocity vx/vy in px a frame, "enter": the first frame it is in) and "masks" (uint8 (T, 112, 112): 1 + object
+    index per pixel, 0 for background). Same (n, seed), same samples; sample i does not depend on n."""
+    return [make_video_sample(seed, i) for i in range(n)]

@@ -2,7 +2,7 @@
 
 - `vtc.testing.llava` (re-exported here): tiny LLaVA-1.5, its processor, synthetic images, the trained tiny VLM
 - `vtc.testing.llava_next`: LLaVA-NeXT and LLaVA-OneVision (images, videos)
-- `vtc.testing.qwen2_vl`: Qwen2-VL and Qwen2.5-VL
+- `vtc.testing.qwen2_vl`: Qwen2-VL and Qwen2.5-VL, the trained tiny video VLM (`load_tiny_video_vlm`, re-exported)
 - `vtc.testing.qwen3_vl`: Qwen3-VL and Qwen3-VL-MoE
 - `vtc.testing.internvl`: InternVL (-hf)
 - `vtc.testing.clip`: a tiny open_clip CLIP for QuoTA's `scorer="clip"` (needs the `clip` extra; not re-exported)
@@ -26,6 +26,7 @@ from .llava import (
     tiny_tokenizer,
     tiny_vlm_dir,
 )
+from .qwen2_vl import load_tiny_video_vlm, tiny_video_vlm_dir
 from .real import REAL_NAMES, real_config, real_inputs, real_model, real_processor
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "TEXT_BACKBONES",
     "llava_inputs",
     "load_tiny_vlm",
+    "load_tiny_video_vlm",
+    "tiny_video_vlm_dir",
     "make_image",
     "tiny_llava",
     "tiny_llava_config",
@@ -50,7 +53,14 @@ __all__ = [
     "load_tiny_model",
 ]
 
-TINY_MODEL_IDS = ("vtc-tiny", "vtc-tiny-vlm", "vtc-tiny-qwen2-vl", "vtc-tiny-onevision", "vtc-tiny-internvl")
+TINY_MODEL_IDS = (
+    "vtc-tiny",
+    "vtc-tiny-vlm",
+    "vtc-tiny-video-vlm",
+    "vtc-tiny-qwen2-vl",
+    "vtc-tiny-onevision",
+    "vtc-tiny-internvl",
+)
 
 
 def load_tiny_model(name: str, attn_implementation: str = "sdpa") -> tuple:
@@ -58,6 +68,7 @@ def load_tiny_model(name: str, attn_implementation: str = "sdpa") -> tuple:
 
     - `vtc-tiny`: random-weight LLaVA-1.5 (`tiny_llava`) and its `LlavaProcessor`
     - `vtc-tiny-vlm`: the tiny LLaVA trained on `vtc.data` (`load_tiny_vlm`)
+    - `vtc-tiny-video-vlm`: the tiny Qwen2-VL trained on `vtc.data`'s moving-shapes clips (`load_tiny_video_vlm`)
     - `vtc-tiny-qwen2-vl`: random-weight Qwen2-VL (`qwen2_vl.tiny_qwen_vl`) and a `Qwen2VLProcessor`
     - `vtc-tiny-onevision`: random-weight LLaVA-OneVision (`llava_next.tiny_llava_onevision`) and a
       `LlavaOnevisionProcessor`
@@ -69,6 +80,12 @@ def load_tiny_model(name: str, attn_implementation: str = "sdpa") -> tuple:
         return tiny_llava(attn_implementation=attn_implementation), tiny_llava_processor()
     if name == "vtc-tiny-vlm":
         model, processor = load_tiny_vlm()
+        model.set_attn_implementation(attn_implementation)
+        return model, processor
+    if name == "vtc-tiny-video-vlm":
+        from .qwen2_vl import load_tiny_video_vlm
+
+        model, processor = load_tiny_video_vlm()
         model.set_attn_implementation(attn_implementation)
         return model, processor
     if name == "vtc-tiny-qwen2-vl":

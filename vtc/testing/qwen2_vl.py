@@ -240,10 +240,13 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def tiny_qwen2_vl_processor(min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 16):
+def tiny_qwen2_vl_processor(
+    min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 16, tokenizer=None, image_processor=None
+):
     """An offline `Qwen2VLProcessor` (the real class) for images, matching `tiny_qwen_vl`, with Qwen's chat format.
-    It has no video processor (that needs torchvision, DESIGN.md section 7); videos go through `TinyQwenVLProcessor`.
-    Its images give the same input_ids and pixel_values as `TinyQwenVLProcessor`."""
+    It has no video processor (that needs torchvision, DESIGN.md section 7): `vtc.video.ensure_video_processor`
+    gives it one. Its images give the same input_ids and pixel_values as `TinyQwenVLProcessor`. `tokenizer` and
+    `image_processor` replace the tiny BPE tokenizer and the image processor made from min/max pixels."""
     from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -256,15 +259,56 @@ def tiny_qwen2_vl_processor(min_pixels: int = 28 * 28, max_pixels: int = 28 * 28
         def get_attributes(cls):
             return ["image_processor", "tokenizer"]
 
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        patch_size=PATCH,
-        merge_size=MERGE,
-        temporal_patch_size=TEMPORAL,
-    )
+    if image_processor is None:
+        image_processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            patch_size=PATCH,
+            merge_size=MERGE,
+            temporal_patch_size=TEMPORAL,
+        )
     return ImageOnlyQwen2VLProcessor(
-        image_processor=image_processor, tokenizer=tiny_qwen_tokenizer(), chat_template=QWEN_CHAT_TEMPLATE
+        image_processor=image_processor,
+        tokenizer=tokenizer if tokenizer is not None else tiny_qwen_tokenizer(),
+        chat_template=QWEN_CHAT_TEMPLATE,
     )
+
+
+def tiny_video_vlm_dir():
+    """Where the trained tiny video VLM lives (assets/tiny_video_vlm of the repository)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / "assets" / "tiny_video_vlm"
+
+
+def load_tiny_video_vlm(path=None) -> tuple:
+    """The tiny Qwen2-VL trained on `vtc.data`'s moving-shapes clips (eval/train_tiny_video_vlm.py), offline.
+
+    Returns (model, processor): a `Qwen2VLForConditionalGeneration` in fp32 and eval mode (8 frames of 112 px,
+    14 px patches, temporal patches of 2 frames, 2x2 merge: 64 visual tokens a clip) and a `Qwen2VLProcessor`
+    (word-level tokenizer, left padding, Qwen chat template) with a `FramesVideoProcessor` for videos. Usage:
+
+        clip = vtc.data.make_video_qa(1, vtc.data.HELDOUT_SEED)[0]
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": clip["question"]}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=[text], videos=[clip["video"]], return_tensors="pt", padding=True)
+        new = model.generate(**inputs, max_new_tokens=2)[:, inputs["input_ids"].shape[1]:]
+        answer = processor.batch_decode(new, skip_special_tokens=True)[0]
+    """
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ..video import ensure_video_processor
+
+    path = Path(path) if path is not None else tiny_video_vlm_dir()
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no trained tiny video VLM at {path}: run `python eval/train_tiny_video_vlm.py`")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+    processor = ensure_video_processor(tiny_qwen2_vl_processor(tokenizer=tokenizer, image_processor=image_processor))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    return model.eval(), processor
 
 
 def make_video(seed: int = 0, frames: int = 4, size: tuple[int, int] = (56, 84)) -> list[Image.Image]:
