@@ -27,7 +27,8 @@ Per video (frames in temporal order), as the official code:
 `keep` is alpha (default 0.4): the fraction kept in the LLM; the pre-LLM merging has its own options (`tau`,
 `segment_ratio`, `cluster_ratio`, `knn`). keep=1.0 is the identity (no merging, no pruning), so that vtc's keep=1
 invariant holds; an int keep is refused (the method has no per-unit count). `layer` is the decoder layer the
-pruning happens before; the default is round(11 L / 32) (11 of PLLaVA-7B's 32), at least 1.
+pruning happens before; the default is round(11 L / 32) (11 of PLLaVA-7B's 32), at least 1. `in_llm=False`
+runs stage 1 (the merging before the LLM) only.
 
 Where we differ from the official code, and why:
 - Positions: a merged static token sits at the position (M-RoPE t/h/w included) of its cluster centre in the
@@ -272,6 +273,7 @@ class PruneVid(Strategy):
         segment_ratio: float = 0.25,
         cluster_ratio: float = 0.5,
         knn: int = 7,
+        in_llm: bool = True,
     ):
         super().__init__(keep)
         if isinstance(keep, numbers.Integral):
@@ -281,6 +283,7 @@ class PruneVid(Strategy):
             )
         self.layer, self.tau = layer, float(tau)
         self.segment_ratio, self.cluster_ratio, self.knn = float(segment_ratio), float(cluster_ratio), int(knn)
+        self.in_llm = bool(in_llm)
         self._prune_at = -1
 
     @property
@@ -288,6 +291,8 @@ class PruneVid(Strategy):
         return float(self.keep) >= 1.0
 
     def prune_layers(self, num_layers: int) -> list[int]:
+        if not self.in_llm:
+            return []
         self._prune_at = self.layer if self.layer is not None else max(1, round(11 * num_layers / 32))
         return [self._prune_at]
 
