@@ -68,7 +68,9 @@ def dpc_official(x, centers, knn):
     biggest = float(dist.max())
     score = []
     for i in range(n):
-        denser = [float(dist[i, j]) for j in range(n) if density[j] > density[i] or (density[j] == density[i] and j < i)]
+        denser = [
+            float(dist[i, j]) for j in range(n) if density[j] > density[i] or (density[j] == density[i] and j < i)
+        ]
         score.append(float(torch.tensor(min(denser) if denser else biggest) * density[i]))
     order = sorted(range(n), key=lambda i: (-score[i], i))[:centers]
     assign = [min(range(centers), key=lambda s: (float(dist[order[s], j]), s)) for j in range(n)]
@@ -205,7 +207,9 @@ def holitom_official(frames, attn, retain, tau=0.8, d_share=0.0, beta=0.6, knn=7
         out = []
         for s, t in enumerate(targets):
             members = [
-                j for j in range(feat.shape[0]) if j not in targets and min(range(len(targets)), key=lambda c: (float(dist[j, targets[c]]), c)) == s
+                j
+                for j in range(feat.shape[0])
+                if j not in targets and min(range(len(targets)), key=lambda c: (float(dist[j, targets[c]]), c)) == s
             ]
             out.append(beta * feat[t] + (1 - beta) * feat[members].mean(0) if members else feat[t])
         return out
@@ -284,7 +288,10 @@ def test_dycoke_odd_last_frame_stays_whole():
     assert keep.sum(1).tolist() == [36, 10, 10, 10, 36]
 
 
-@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 0, 2, 2, 2], [1, 0, 1, 0, 1], [2, 2, 2, 2], [0, 1, 2, 3], [3, 1, 1, 3, 3]])
+LABELS = [[0, 0, 1, 1, 0, 2, 2, 2], [1, 0, 1, 0, 1], [2, 2, 2, 2], [0, 1, 2, 3], [3, 1, 1, 3, 3]]
+
+
+@pytest.mark.parametrize("labels", LABELS)
 def test_refine_clusters_equals_official(labels):
     assert refine_clusters(labels) == refine_official(labels)
 
@@ -601,9 +608,7 @@ def test_generate_with_cache_equals_recompute(family, strategy, families):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_batch_equals_each_sample_alone(family, strategy, families):
     model, _, inputs, alone = families[family]
-    assert_batch_equals_each_sample_alone(
-        model, inputs, dict(enumerate(alone)), strategy, stop_at_eos=True, keep=0.3
-    )
+    assert_batch_equals_each_sample_alone(model, inputs, dict(enumerate(alone)), strategy, stop_at_eos=True, keep=0.3)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
