@@ -165,7 +165,7 @@ def sequential_pair_merge(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     keep_idx, drop_idx = kept.nonzero().squeeze(1), (~kept).nonzero().squeeze(1)
     if len(drop_idx) == 0 or len(keep_idx) == 0:
         return x
-    sim = F.cosine_similarity(x[drop_idx].float()[:, None], x[keep_idx].float()[None], dim=-1)
+    sim = F.normalize(x[drop_idx].float(), dim=-1) @ F.normalize(x[keep_idx].float(), dim=-1).T  # cosine
     target = sim.argmax(dim=1)  # (drops,) into keep_idx, first on ties
     count = torch.zeros(len(keep_idx), device=x.device).scatter_add(0, target, torch.ones_like(target).float())
     one_hot = F.one_hot(target, len(keep_idx)).float()
