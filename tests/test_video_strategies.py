@@ -637,3 +637,106 @@ def test_refusals_and_notes(families):
     with torch.no_grad(), vtc.patched(model, "prunevid", keep=0.4, layer=3) as handle:
         model(**inputs)
         assert [s.visual_per_layer[2] > s.visual_per_layer[3] for s in handle.report().samples] == [True, True]
+
+
+# ------------------------------------------------------------------ DyCoke's decode-time KV pruning
+def dycoke_decode_official(model, embeds, positions, steps, layer, ratio=0.7, threshold=0.9):
+    """KD-TAO/DyCoke's decoding (modeling_qwen2.py) on the unpatched eager language model, one sample: prefill on
+    the TTM-compacted sequence, then per step the new token's layer `layer - 1` attention (mean over heads) to the
+    visual entries; when its cosine similarity to the last step's is < threshold (or at the first step), layers
+    `layer`.. attend to the top int(n (1 - ratio)) visual entries only. Returns (tokens, per-step logits, attended
+    visual entries per step)."""
+    from transformers import DynamicCache
+
+    lm = model.model.language_model
+    visual = positions["visual"]
+    cache = DynamicCache(config=lm.config)
+    with torch.no_grad():
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)  # positions have gaps: an explicit mask
+        out = lm(inputs_embeds=embeds, position_ids=positions["ids"], attention_mask=mask, use_cache=True,
+                 past_key_values=cache)
+        logits = [model.lm_head(out.last_hidden_state[:, -1])[0]]
+    captured = {}
+    hook = lm.layers[layer - 1].self_attn.register_forward_hook(lambda m, a, o: captured.__setitem__("w", o[1]))
+    tokens, attended, previous = [], [], None
+    next_position = int(positions["logical"])
+    try:
+        for _ in range(steps):
+            token = logits[-1].argmax()
+            tokens.append(int(token))
+            hidden = lm.embed_tokens(token[None, None])
+            ids = torch.tensor([[next_position]])
+            pe = lm.rotary_emb(hidden, ids)
+            k = cache.get_seq_length() + 1
+            full = torch.zeros(1, 1, 1, k)
+            mask = full
+            with torch.no_grad():
+                for i, decoder_layer in enumerate(lm.layers):
+                    hidden = decoder_layer(
+                        hidden, attention_mask=mask, position_embeddings=pe, position_ids=ids,
+                        past_key_values=cache, use_cache=True,
+                    )
+                    if i == layer - 1:
+                        row = captured["w"][0].mean(dim=0)[-1, : len(visual)]
+                        image = row[visual]
+                        prune = previous is None or float(F.cosine_similarity(image, previous, dim=0)) < threshold
+                        previous = image
+                        count = int(len(image) * (1 - ratio))
+                        allowed = torch.ones(k, dtype=torch.bool)
+                        if prune:
+                            ranked = sorted(range(len(image)), key=lambda j: (-float(image[j]), j))
+                            drop = visual.nonzero().squeeze(1)[ranked[count:]]
+                            allowed[drop] = False
+                        attended.append(int((allowed[: len(visual)] & visual).sum()))
+                        mask = torch.zeros(1, 1, 1, k).masked_fill(~allowed, torch.finfo(torch.float32).min)
+                logits.append(model.lm_head(lm.norm(hidden)[:, -1])[0])
+            next_position += 1
+    finally:
+        hook.remove()
+    return tokens, logits[:steps], attended
+
+
+def test_dycoke_kv_equals_official_decoding(families):
+    """`vtc.patch(model, "dycoke", kv="dycoke")` on one LLaVA-OneVision video: the greedy tokens, per-step logits and
+    visual entries attended per step equal the official decoding re-stated on the unpatched eager model."""
+    _, processor, _, alone = families["llava_onevision"]
+    model = tiny_llava_onevision("qwen2", seed=23, attn_implementation="eager")
+    inputs = alone[0]
+    steps, layer = 5, 2
+    prompt = inputs["input_ids"].shape[1]
+    options = dict(kv="dycoke", kv_options={"layer": layer, "ratio": 0.5})
+    with torch.no_grad(), vtc.patched(model, "dycoke", keep=0.5, **options) as handle:
+        out = model.generate(
+            **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            min_new_tokens=steps,
+        )
+        pre = handle.last_kept("pre_llm")[0]
+        chosen = handle._last["selections"]["pre_llm"]
+        layout = handle.adapter.last_layout
+        attended = [int(a[0]) for a in handle.kv_policy.attended]
+        assert "dycoke(ratio=0.5" in str(handle.report())
+    visual = _visual_mask(model, inputs)
+    embeds = _embeds_with(lm_input_embeds(model, inputs), visual, layout, chosen)
+    rows = (~visual[0]).clone()
+    rows[visual[0].nonzero().squeeze(1)[pre]] = True
+    rows = rows.nonzero().squeeze(1)
+    positions = {"ids": rows[None], "visual": visual[0][rows], "logical": prompt}
+    tokens, logits, expected = dycoke_decode_official(model, embeds[:, rows], positions, steps, layer, ratio=0.5)
+    eos = model.config.text_config.eos_token_id
+    assert until_eos(out.sequences[:, prompt:], eos) == until_eos(torch.tensor([tokens]), eos)
+    got = torch.stack([s[0] for s in out.logits])  # raw logits (min_new_tokens masks eos in the scores)
+    assert (got - torch.stack(logits)).abs().max() <= 1e-4
+    assert attended == expected[: len(attended)] and len(attended) == steps - 1
+    assert min(attended) < len(pre)  # some step attended to a part of the video only
+
+
+def test_dycoke_kv_refusals(families):
+    model, _, inputs, _ = families["llava_onevision"]
+    with pytest.raises(ValueError, match="no kv_budget"):
+        vtc.patch(model, "dycoke", kv="dycoke", kv_budget=64)
+    with pytest.raises(ValueError, match="layers"):
+        vtc.patch(model, "dycoke", kv="dycoke", kv_options={"layer": 9})
+    assert "forward" not in vars(model.model.language_model)
+    with torch.no_grad(), vtc.patched(model, "fastv", keep=0.5, layer=2, kv="dycoke", kv_options={"layer": 2}):
+        with pytest.raises(NotImplementedError, match="same entries"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)

@@ -29,9 +29,8 @@ Where we differ from the official code, and why:
 - The decode-time dynamic KV pruning (at decoder layer dycoke_l = 3, each decode step: the last token's
   attention (mean over heads) to the video tokens at layer 2; when its cosine similarity to the previous step's
   is below 0.9, layers >= 3 attend to the top int((1 - p) N) video tokens of the full cache only, p = 0.7 in
-  the README) is NOT implemented: vtc's decode steps never re-select (DESIGN.md, section 4), and its KV
-  policies evict for good, whereas DyCoke re-chooses from the full cache at every step. Pair DyCoke with a KV
-  policy instead, e.g. `vtc.patch(model, "dycoke", kv="snapkv", kv_budget=...)`.
+  the README) is the KV policy `vtc/kv/dycoke.py`: `vtc.patch(model, "dycoke", kv="dycoke")`. It is not part of
+  the strategy because vtc's strategies select once at prefill (DESIGN.md, section 4); KV policies act at decode.
 """
 
 from __future__ import annotations
