@@ -116,7 +116,8 @@ test-real: setup
 
 # every video strategy on every video family (tests/test_video_*.py cells marked `slow`; CI runs one family each)
 test-video-all: setup
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests/test_video_evs_vidcom2_fastvid.py
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests/test_video_evs_vidcom2_fastvid.py \
+		tests/test_video_dycoke_prunevid_holitom.py
 
 bench: setup
 	$(BIN)/vtc bench --model tiny

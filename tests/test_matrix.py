@@ -49,10 +49,13 @@ for _family in ("llava_onevision", "llava_onevision_video"):  # SCOPE's saliency
     UNSUPPORTED[_family].update(scope="[CLS]", mustdrop="[CLS]")
 # video-only strategies: the image cases' prompts are refused at their first forward, naming the rule (EVS compares
 # each token with the previous frame's; vLLM never prunes images)
-VIDEO_ONLY = {"evs": "prunes video frames only"}
+REFUSES_IMAGES = {"evs": "prunes video frames only"}
 IMAGE_CASES = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen3_vl", "internvl"}
 # tiny grids have few whole 3 x 3 windows: MustDrop's in-LLM filter, with thresholds that drop on tiny models, shows
 STRATEGY_OPTIONS = {"mustdrop": {"global_thr": 0.3, "individual_thr": 0.3}}
+# video-only methods: on images (single frames) they keep every token, as their official code, and say so
+KEEPS_IMAGES = {"dycoke": "TTM compares frames of a video"}
+VIDEO_CASES = {"llava_onevision_video", "qwen2_5_vl", "qwen3_vl_moe_video"}
 
 
 
@@ -119,9 +122,9 @@ def test_strategy_runs_on_adapter(case, strategy):
             vtc.patch(model, strategy, keep=0.25, processor=processor)
         assert "forward" not in vars(model.model.language_model)
         return
-    if strategy in VIDEO_ONLY and name in IMAGE_CASES:
+    if strategy in REFUSES_IMAGES and name in IMAGE_CASES:
         with torch.no_grad(), vtc.patched(model, strategy, keep=0.25) as handle:
-            with pytest.raises(ValueError, match=VIDEO_ONLY[strategy]):
+            with pytest.raises(ValueError, match=REFUSES_IMAGES[strategy]):
                 model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert not handle.active and "forward" not in vars(model.model.language_model)
         return
@@ -138,4 +141,7 @@ def test_strategy_runs_on_adapter(case, strategy):
     for sample in report.samples:
         assert sample.visual_in > 0
         assert max(sample.visual_per_layer) <= sample.visual_after_pre_llm <= sample.visual_in
-        assert sample.visual_per_layer[-1] < sample.visual_in  # keep=0.25 dropped something
+        if strategy in KEEPS_IMAGES and name not in VIDEO_CASES:
+            assert sample.visual_per_layer[-1] == sample.visual_in and KEEPS_IMAGES[strategy] in str(report)
+        else:
+            assert sample.visual_per_layer[-1] < sample.visual_in  # keep=0.25 dropped something

@@ -4,8 +4,8 @@ token ids and image processors, random weights, 2 decoder layers).
 Per strategy: keep=1 gives the unpatched logits; generate() runs at the strategy's default keep and at 0.1, the
 report counts the real number of visual tokens (576 for LLaVA-1.5 at 336 px, ...) and never keeps more than came
 in; unpatch() gives exactly the unpatched logits again. A strategy whose probes a family cannot provide is
-refused at patch() (the adapter matrix's `UNSUPPORTED`); a video-only strategy (`VIDEO_ONLY`: EVS) refuses these
-image prompts at their first forward.
+refused at patch() (the adapter matrix's `UNSUPPORTED`); EVS (`REFUSES_IMAGES`) refuses these
+image prompts at their first forward, and DyCoke (`KEEPS_IMAGES`) keeps them whole.
 
 Marked `slow` (`make test-real`). Its vision towers keep their first `VTC_REAL_VISION_LAYERS` blocks (8 by
 default; `all` for the full towers, hours on 2 CPU cores): every width, token count and grid is the real one, and
@@ -23,7 +23,7 @@ import vtc
 from vtc.testing import make_image
 from vtc.testing.real import REAL_NAMES, real_config, real_family, real_inputs, real_model, real_processor
 
-from .test_matrix import UNSUPPORTED, VIDEO_ONLY
+from .test_matrix import KEEPS_IMAGES, REFUSES_IMAGES, UNSUPPORTED
 
 STRATEGIES = vtc.list_strategies()
 # 2 decoder layers leave no layer 2 to prune before: FastV and DART prune before layer 1, ToDRE runs stage 1 only,
@@ -101,8 +101,8 @@ def test_strategy_on_real_architecture(real, strategy):
             assert logits.shape == reference.shape
             assert (logits - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
         for keep in (None, 0.1):
-            if strategy in VIDEO_ONLY:  # these prompts hold an image: refused at the first forward
-                refused = pytest.raises(ValueError, match=VIDEO_ONLY[strategy])
+            if strategy in REFUSES_IMAGES:  # these prompts hold an image: refused at the first forward
+                refused = pytest.raises(ValueError, match=REFUSES_IMAGES[strategy])
                 with vtc.patched(model, strategy, keep=keep, **options), refused:
                     model.generate(**inputs, max_new_tokens=2, do_sample=False)
                 continue
@@ -112,7 +112,7 @@ def test_strategy_on_real_architecture(real, strategy):
             assert out.shape == (1, prompt + 2)
             assert sample.visual_in == tokens
             assert max(sample.visual_per_layer) <= sample.visual_after_pre_llm <= sample.visual_in
-            if keep == 0.1 and tokens > 10 and strategy != "none":
+            if keep == 0.1 and tokens > 10 and strategy != "none" and strategy not in KEEPS_IMAGES:  # images kept whole
                 assert sample.visual_per_layer[-1] < sample.visual_in
         assert torch.equal(model(**inputs).logits, reference)
 

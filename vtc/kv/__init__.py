@@ -7,14 +7,16 @@
 One file per policy; importing this package registers them all.
 """
 
-from . import h2o, snapkv, streaming, visual_aware  # noqa: F401
+from . import dycoke, h2o, snapkv, streaming, visual_aware  # noqa: F401
 from .base import KVPolicy, KVReport, build_policy, get_policy_class, list_policies, register_policy
+from .dycoke import DyCokeKV
 from .h2o import H2O
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .visual_aware import VisualAware
 
 __all__ = [
+    "DyCokeKV",
     "H2O",
     "KVPolicy",
     "KVReport",

@@ -419,7 +419,7 @@ def build_policy(kv, budget, options: dict | None = None) -> KVPolicy | None:
     if not isinstance(kv, str):
         raise TypeError(f"kv must be a policy name ({', '.join(list_policies())}) or a vtc.kv.KVPolicy")
     cls = get_policy_class(kv)
-    if budget is None:
+    if budget is None and getattr(cls, "needs_budget", True):
         raise ValueError(f"KV policy {cls.name!r} needs kv_budget=<cache entries per layer>, e.g. kv_budget=256")
     import inspect
 
@@ -429,4 +429,4 @@ def build_policy(kv, budget, options: dict | None = None) -> KVPolicy | None:
         raise ValueError(
             f"KV policy {cls.name!r} has no option {', '.join(unknown)}; its options: {', '.join(known) or 'none'}"
         )
-    return cls(budget, **options)
+    return cls(budget, **options) if budget is not None else cls(**options)
