@@ -7,7 +7,16 @@ import sys
 
 import pytest
 
-from vtc.integrations.vllm import REFUSED, SERVED, make_strategy, overrides, request_settings, served_budget
+from vtc.integrations.vllm import (
+    MODELS,
+    REFUSED,
+    SERVED,
+    check_architecture,
+    make_strategy,
+    overrides,
+    request_settings,
+    served_budget,
+)
 
 
 def test_overrides_is_the_server_json():
@@ -65,3 +74,14 @@ def test_request_settings_and_budget():
 def test_importing_vtc_does_not_import_vllm():
     code = "import sys, vtc, vtc.integrations.vllm; assert 'vllm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_vtc_key_on_an_unserved_architecture_fails_loud():
+    from types import SimpleNamespace
+
+    with_vtc = SimpleNamespace(**overrides("vtc_cls", keep=0.25))
+    for arch in MODELS:
+        check_architecture(arch, with_vtc)  # served: passes
+    check_architecture("LlamaForCausalLM", SimpleNamespace())  # no vtc key: vLLM's own model, untouched
+    with pytest.raises(ValueError, match="does not serve architecture 'LlamaForCausalLM'.*served architectures: "):
+        check_architecture("LlamaForCausalLM", with_vtc)

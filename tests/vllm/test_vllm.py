@@ -151,6 +151,23 @@ def vtc_patch_kept(hf, question, images, settings) -> list[torch.Tensor]:
     return [kept[(kept >= i * n_tokens) & (kept < (i + 1) * n_tokens)] - i * n_tokens for i in range(len(images))]
 
 
+def test_vtc_key_on_an_unserved_architecture_fails_loud(tmp_path):
+    """hf_overrides {"vtc": ...} on an architecture the plug-in does not register (a text-only Llama here) fails
+    when vLLM resolves the architecture, naming the served ones; without the key the same model config builds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vtc.integrations.vllm import MODELS
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    assert EngineArgs(model=str(tmp_path)).create_model_config().architecture == "LlamaForCausalLM"
+    with pytest.raises(ValueError, match="does not serve architecture 'LlamaForCausalLM'") as error:
+        EngineArgs(model=str(tmp_path), hf_overrides=overrides("vtc_cls", keep=0.25)).create_model_config()
+    assert all(arch in str(error.value) for arch in MODELS)
+
+
 def test_plain_engine_equals_transformers(model_dir, hf):
     """Step 1: vLLM (no vtc settings: the plug-in passes through) equals transformers on the same saved model."""
     llm = make_engine(model_dir)

@@ -123,9 +123,35 @@ def served_budget(strategy, n_tokens: int) -> int:
     return strategy.stage_budget(n_tokens, n_tokens, "pre_llm")
 
 
+def check_architecture(arch: str, hf_config) -> None:
+    """Fail loud when an engine's hf_config carries vtc settings (`hf_overrides={"vtc": ...}`) but vLLM resolved an
+    architecture the plug-in does not register: vLLM's own class would ignore the key and serve the full prompt."""
+    if getattr(hf_config, "vtc", None) is not None and arch not in MODELS:
+        raise ValueError(
+            f"hf_overrides has a 'vtc' key, but vtc's vLLM plug-in does not serve architecture {arch!r} (vLLM would "
+            f"ignore the key and run the model uncompressed); served architectures: {', '.join(MODELS)}"
+        )
+
+
+def _guarded(inspect):
+    """vLLM's `ModelRegistry.inspect_model_cls`, followed by `check_architecture` on what it resolved."""
+
+    def inspect_model_cls(architectures, model_config):
+        info, arch = inspect(architectures, model_config)
+        check_architecture(arch, model_config.hf_config)
+        return info, arch
+
+    inspect_model_cls.vtc_guard = True
+    return inspect_model_cls
+
+
 def register() -> None:
-    """The `vllm.general_plugins` entry point: register vtc's model classes with vLLM (lazily, by name)."""
+    """The `vllm.general_plugins` entry point: register vtc's model classes with vLLM (lazily, by name), and guard
+    the registry instance so that a "vtc" key on an architecture without a vtc class fails when the engine's model
+    config resolves its architecture (before any engine starts)."""
     from vllm import ModelRegistry
 
     for arch, cls in MODELS.items():
         ModelRegistry.register_model(arch, cls)
+    if not getattr(ModelRegistry.inspect_model_cls, "vtc_guard", False):  # the instance, not vLLM's class
+        ModelRegistry.inspect_model_cls = _guarded(ModelRegistry.inspect_model_cls)
