@@ -54,6 +54,8 @@ REFUSED = {
 # vLLM architecture name -> the vtc class that replaces it ("module:Class", imported lazily by vLLM).
 MODELS = {
     "LlavaForConditionalGeneration": "vtc.integrations.vllm.llava:VtcLlavaForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vtc.integrations.vllm.qwen_vl:VtcQwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "vtc.integrations.vllm.qwen_vl:VtcQwen2VLForConditionalGeneration",
 }
 
 KEEP_KWARG = "vtc_keep"  # a request's keep, in its mm_processor_kwargs
@@ -87,13 +89,30 @@ def overrides(strategy: str, keep: float | int | None = None, **options) -> dict
     return {"vtc": settings}
 
 
-def make_strategy(settings: dict):
-    """The vtc Strategy of an engine's "vtc" settings (keep None: the strategy's paper default, as in vtc.patch)."""
+class _Host:
+    """What a vLLM model class tells a strategy's `check_adapter` (the part of vtc's adapter interface that the
+    served strategies read): whether the vision tower has a real [CLS] token."""
+
+    def __init__(self, has_cls: bool):
+        self._has_cls = has_cls
+
+    def has_cls(self) -> bool:
+        return self._has_cls
+
+
+def make_strategy(settings: dict, has_cls: bool | None = None):
+    """The vtc Strategy of an engine's "vtc" settings (keep None: the strategy's paper default, as in vtc.patch).
+    With `has_cls` (the model's vision tower has a [CLS] token, or not), each strategy checks and configures itself
+    for the model as at vtc.patch (e.g. VisionZip's contextual rule for towers without [CLS]; HiRED refuses them)."""
     options = dict(settings)
     name, keep = options.pop("strategy"), options.pop("keep", None)
     if keep is None:
         keep = getattr(get_strategy_class(name), "default_keep", 1.0)
-    return build_strategy(name, keep, options)
+    strategy = build_strategy(name, keep, options)
+    if has_cls is not None:
+        for member in getattr(strategy, "members", [strategy]):
+            member.check_adapter(_Host(has_cls))
+    return strategy
 
 
 def request_settings(settings: dict, hf_kwargs) -> dict:
