@@ -16,8 +16,8 @@ Probes: the "cls"/"received" surrogate and the "keys" probe of vtc's Qwen-VL ada
 computed by the same functions from q and k of vLLM's vision attention (with its vision RoPE), per image, within the
 layer's attention segments (the image, or Qwen2.5-VL's windows), then put from window order into raster order.
 
-Images only: a video in a vtc engine is refused (vLLM's own `--video-pruning-rate` prunes videos, on an engine
-without vtc); image embeddings given instead of pixels are refused.
+Images only: a vtc engine must be started with `limit_mm_per_prompt={"video": 0}` and refuses videos (vLLM's own
+`--video-pruning-rate` prunes videos, on an engine without vtc); image embeddings given instead of pixels are refused.
 """
 
 from __future__ import annotations
@@ -103,6 +103,11 @@ class _VtcQwenVL:
         make_strategy(self.vtc_settings, has_cls=False)  # fails at engine start, naming the fix
         if multimodal_config is not None and multimodal_config.is_multimodal_pruning_enabled():
             raise ValueError("vtc and vLLM's video pruning (--video-pruning-rate) cannot run in one engine")
+        if multimodal_config is not None and multimodal_config.get_limit_per_prompt("video") > 0:
+            raise ValueError(
+                f"{VIDEO_REFUSED}: start the engine with limit_mm_per_prompt={{'video': 0}} (server: "
+                """--limit-mm-per-prompt '{"video": 0}'), so that vLLM plans no video inputs"""
+            )
         self.vtc_layers = len(self.visual.blocks)
         self.vtc_feature_layer = self.vtc_layers - 1  # the merger reads the last block's output
         self.vtc_merge = self.config.vision_config.spatial_merge_size
