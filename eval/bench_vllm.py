@@ -88,8 +88,6 @@ def write_model(arch: str, path: Path) -> tuple[int, str]:
 def write_qwen(arch: str, path: Path) -> int:
     """A Qwen2.5-VL config (Qwen2.5-VL-7B's from vtc.testing.real_config at full depth, or a mid-size one for the CPU)
     and a real Qwen2.5-VL processor; 672 px square images."""
-    import copy
-
     from vtc.integrations.vllm.checkpoint import save_qwen_vl_processor
     from vtc.testing.qwen2_vl import tiny_qwen_tokenizer, tiny_qwen_vl_config
     from vtc.testing.real import real_config, real_image_size, real_tokenizer
@@ -98,8 +96,7 @@ def write_qwen(arch: str, path: Path) -> int:
         config, tokenizer, pixels = real_config(arch, text_layers=None), real_tokenizer(arch), (3136, 12845056)
         size = real_image_size(arch)
     else:
-        config = copy.deepcopy(tiny_qwen_vl_config("qwen2_5_vl", **ARCHS[arch]))
-        config.text_config.rope_parameters["mrope_section"] = [16, 24, 24]  # head_dim 128, as Qwen2.5-VL-7B
+        config = tiny_qwen_vl_config("qwen2_5_vl", **ARCHS[arch])  # head_dim 128, as Qwen2.5-VL-7B
         tokenizer, size = tiny_qwen_tokenizer(), 672
         pixels = (28 * 28, size * size)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]

@@ -8,7 +8,6 @@ Runs only where vLLM imports (`make vllm-test`); few engines, many requests each
 
 from __future__ import annotations
 
-import copy
 import gc
 import os
 
@@ -52,8 +51,7 @@ def save_tiny(family: str, path) -> str:
     from vtc.integrations.vllm.checkpoint import save_qwen_vl_processor
     from vtc.testing.qwen2_vl import tiny_qwen_tokenizer, tiny_qwen_vl_config
 
-    config = copy.deepcopy(tiny_qwen_vl_config(family, text_hidden=256))
-    config.text_config.rope_parameters["mrope_section"] = [8, 12, 12]  # head_dim 64: 32 frequency pairs
+    config = tiny_qwen_vl_config(family, text_hidden=256)
     torch.manual_seed(0)
     cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
     cls._from_config(config, attn_implementation="sdpa").eval().save_pretrained(path)

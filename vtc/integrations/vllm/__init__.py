@@ -20,6 +20,10 @@ How it works (DESIGN.md section 8):
   tensors (`Strategy.select` on `VisualTokens`); vision probes are computed from q/k of vLLM's vision layers by
   the same functions as in `vtc.patch` (vtc/probes.py).
 - A request may pass its own budget: `mm_processor_kwargs={"vtc_keep": 0.1}` (the engine's keep is the default).
+- Families (`MODELS`): LLaVA-1.5 (vtc/integrations/vllm/llava.py; kept tokens take consecutive 1-D positions),
+  Qwen2.5-VL and Qwen2-VL (vtc/integrations/vllm/qwen_vl.py; kept tokens keep their original M-RoPE (t, h, w)
+  positions, as in vtc.patch: vtc/integrations/vllm/mrope.py). Any other architecture with a "vtc" key fails at
+  engine start (`check_architecture`). Not served yet: LLaVA-NeXT, Qwen3-VL.
 
 This module imports no vLLM: `overrides()` validates with vtc alone, so it runs where vLLM is not installed.
 """
