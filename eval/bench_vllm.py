@@ -11,6 +11,8 @@ Compare the ratios (vtc / unpatched) of one run. On CPU, VLLM_CPU_KVCACHE_SPACE 
 
     python eval/bench_vllm.py                        # CPU: a mid-size LLaVA-1.5 shape (576 visual tokens)
     python eval/bench_vllm.py --arch llava-1.5-7b    # GPU: LLaVA-1.5-7B's architecture, random weights
+    python eval/bench_vllm.py --arch qwen2.5-vl-7b   # GPU: Qwen2.5-VL-7B's (vtc.testing.real_config), 672 px images
+    python eval/bench_vllm.py --arch qwen-cpu-mid    # CPU: a mid-size Qwen2.5-VL shape, 576 visual tokens
     python eval/bench_vllm.py --arch tiny --requests 4 --rounds 1     # smoke run
 
 Run it with the vLLM venv (`make vllm-setup`): `.venv-vllm/bin/python eval/bench_vllm.py`.
@@ -34,6 +36,14 @@ ARCHS = {
     "tiny": dict(image_size=84, text_hidden=256),
     "cpu-mid": dict(image_size=336, vision_layers=4, vision_hidden=256, text_layers=8, text_hidden=512),
     "llava-1.5-7b": "llava-1.5-7b",
+    # Qwen2.5-VL (M-RoPE): 672 px images give 24 x 24 = 576 visual tokens, as LLaVA-1.5's 336 px
+    "qwen-cpu-mid": dict(vision_layers=4, vision_hidden=256, text_layers=8, text_hidden=512),
+    "qwen2.5-vl-7b": "qwen2.5-vl-7b",
+}
+PROMPTS = {
+    "llava": "USER: <image>\nWhat is in the image? ASSISTANT:",
+    "qwen": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the image?<|im_end|>\n"
+    "<|im_start|>assistant\n",
 }
 
 
@@ -57,8 +67,11 @@ def llava_15_7b_config():
     )  # fmt: skip
 
 
-def write_model(arch: str, path: Path) -> int:
-    """config.json and processor files of `arch` in `path` (weights: vLLM's dummy loader). Returns the image side."""
+def write_model(arch: str, path: Path) -> tuple[int, str]:
+    """config.json and processor files of `arch` in `path` (weights: vLLM's dummy loader). Returns the image side
+    and the prompt family ("llava" or "qwen")."""
+    if arch.startswith("qwen"):
+        return write_qwen(arch, path), "qwen"
     from vtc.testing import tiny_llava_config, tiny_llava_processor
 
     if arch == "llava-1.5-7b":
@@ -69,42 +82,64 @@ def write_model(arch: str, path: Path) -> int:
     config.save_pretrained(path)
     size = config.vision_config.image_size
     tiny_llava_processor(image_size=size, patch_size=config.vision_config.patch_size).save_pretrained(path)
+    return size, "llava"
+
+
+def write_qwen(arch: str, path: Path) -> int:
+    """A Qwen2.5-VL config (Qwen2.5-VL-7B's from vtc.testing.real_config at full depth, or a mid-size one for the CPU)
+    and a real Qwen2.5-VL processor; 672 px square images."""
+    from vtc.integrations.vllm.checkpoint import save_qwen_vl_processor
+    from vtc.testing.qwen2_vl import tiny_qwen_tokenizer, tiny_qwen_vl_config
+    from vtc.testing.real import real_config, real_image_size, real_tokenizer
+
+    if arch == "qwen2.5-vl-7b":
+        config, tokenizer, pixels = real_config(arch, text_layers=None), real_tokenizer(arch), (3136, 12845056)
+        size = real_image_size(arch)
+    else:
+        config = tiny_qwen_vl_config("qwen2_5_vl", **ARCHS[arch])  # head_dim 128, as Qwen2.5-VL-7B
+        tokenizer, size = tiny_qwen_tokenizer(), 672
+        pixels = (28 * 28, size * size)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.save_pretrained(path)
+    save_qwen_vl_processor(path, "qwen2_5_vl", tokenizer, *pixels)
     return size
 
 
-def engine(path: Path, dtype: str, hf_overrides: dict | None):
+def engine(path: Path, dtype: str, hf_overrides: dict | None, family: str):
     from vllm import LLM
 
+    limits = {"image": 1, "video": 0} if family == "qwen" else {"image": 1}  # a vtc Qwen-VL engine serves images
     return LLM(
         model=str(path), load_format="dummy", dtype=dtype, max_model_len=2048, seed=0, enforce_eager=True,
-        enable_prefix_caching=False, limit_mm_per_prompt={"image": 1}, hf_overrides=hf_overrides,
+        enable_prefix_caching=False, limit_mm_per_prompt=limits, hf_overrides=hf_overrides,
     )  # fmt: skip
 
 
-def make_request(size: int, keep, seed: int) -> dict:
+def make_request(size: int, keep, seed: int, family: str) -> dict:
     from vtc.testing import make_image
 
-    image = make_image(seed, size)
-    request = {"prompt": "USER: <image>\nWhat is in the image? ASSISTANT:", "multi_modal_data": {"image": image}}
+    request = {"prompt": PROMPTS[family], "multi_modal_data": {"image": make_image(seed, size)}}
     if keep is not None:
         request["mm_processor_kwargs"] = {"vtc_keep": keep}
     return request
 
 
-def ttft(llm, size: int, keep, seed: int) -> tuple[float, int]:
+def ttft(llm, size: int, keep, seed: int, family: str) -> tuple[float, int]:
     """Wall time of one request with max_tokens=1 (encode + prefill + one token), and its prompt length."""
     from vllm import SamplingParams
 
     start = time.perf_counter()
-    out = llm.generate([make_request(size, keep, seed)], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    out = llm.generate(
+        [make_request(size, keep, seed, family)], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False
+    )
     return time.perf_counter() - start, len(out[0].prompt_token_ids)
 
 
-def throughput(llm, size: int, keep, seed: int, args) -> float:
+def throughput(llm, size: int, keep, seed: int, family: str, args) -> float:
     """Requests/s of `args.requests` prompts (distinct images) submitted at once, `args.max_tokens` tokens each."""
     from vllm import SamplingParams
 
-    batch = [make_request(size, keep, seed + i) for i in range(args.requests)]
+    batch = [make_request(size, keep, seed + i, family) for i in range(args.requests)]
     many = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     start = time.perf_counter()
     llm.generate(batch, many, use_tqdm=False)
@@ -140,21 +175,21 @@ def main() -> None:
     settings = [("unpatched", None)] + [(f"{args.strategy} keep={keep}", keep) for keep in keeps]
     times = {name: {"ttft": [], "rps": [], "tokens": 0} for name, _ in settings}
     with tempfile.TemporaryDirectory() as tmp:
-        size = write_model(args.arch, Path(tmp))
-        engines = {"unpatched": engine(Path(tmp), dtype, None)}
-        engines["vtc"] = engine(Path(tmp), dtype, overrides(args.strategy, keep=keeps[0]))
+        size, family = write_model(args.arch, Path(tmp))
+        engines = {"unpatched": engine(Path(tmp), dtype, None, family)}
+        engines["vtc"] = engine(Path(tmp), dtype, overrides(args.strategy, keep=keeps[0]), family)
         seed = 10
         for _name, keep in settings:  # warm-up
-            ttft(engines["unpatched" if keep is None else "vtc"], size, keep, seed)
+            ttft(engines["unpatched" if keep is None else "vtc"], size, keep, seed, family)
         for _ in range(args.rounds):  # the settings interleaved, so drifts in machine load hit them alike
             for name, keep in settings:
                 llm = engines["unpatched" if keep is None else "vtc"]
                 for _ in range(args.ttft_runs):
                     seed += 1
-                    seconds, times[name]["tokens"] = ttft(llm, size, keep, seed)
+                    seconds, times[name]["tokens"] = ttft(llm, size, keep, seed, family)
                     times[name]["ttft"].append(seconds)
                 seed += args.requests
-                times[name]["rps"].append(throughput(llm, size, keep, seed, args))
+                times[name]["rps"].append(throughput(llm, size, keep, seed, family, args))
         for llm in engines.values():
             close(llm)
     rows = [

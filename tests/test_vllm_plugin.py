@@ -6,8 +6,18 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from vtc.integrations.vllm import REFUSED, SERVED, make_strategy, overrides, request_settings, served_budget
+from vtc.integrations.vllm import (
+    MODELS,
+    REFUSED,
+    SERVED,
+    check_architecture,
+    make_strategy,
+    overrides,
+    request_settings,
+    served_budget,
+)
 
 
 def test_overrides_is_the_server_json():
@@ -65,3 +75,50 @@ def test_request_settings_and_budget():
 def test_importing_vtc_does_not_import_vllm():
     code = "import sys, vtc, vtc.integrations.vllm; assert 'vllm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_vtc_key_on_an_unserved_architecture_fails_loud():
+    from types import SimpleNamespace
+
+    with_vtc = SimpleNamespace(**overrides("vtc_cls", keep=0.25))
+    for arch in MODELS:
+        check_architecture(arch, with_vtc)  # served: passes
+    check_architecture("LlamaForCausalLM", SimpleNamespace())  # no vtc key: vLLM's own model, untouched
+    with pytest.raises(ValueError, match="does not serve architecture 'LlamaForCausalLM'.*served architectures: "):
+        check_architecture("LlamaForCausalLM", with_vtc)
+
+
+def test_mrope_positions_of_a_shortened_prompt_are_the_original_ones():
+    """Oracle: transformers' Qwen2.5-VL M-RoPE positions of the full prompt (get_rope_index), taken at the kept
+    tokens, equal the plug-in's positions of the shortened prompt (request-time text positions + kept tokens' grid
+    offsets); two images of different shapes (3 x 3 and 2 x 3 tokens), each keeping some of its tokens."""
+    from vtc.integrations.vllm.mrope import add_offsets, kept_offsets, prompt_positions
+    from vtc.testing import make_image
+    from vtc.testing.qwen2_vl import qwen_inputs, tiny_qwen_processor, tiny_qwen_vl
+
+    model = tiny_qwen_vl("qwen2_5_vl")
+    processor = tiny_qwen_processor()
+    images = [make_image(0), make_image(1).resize((84, 56))]
+    inputs = qwen_inputs(processor, ["two pictures"], images=[images])
+    ids, grids = inputs["input_ids"], inputs["image_grid_thw"]
+    full, delta = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=grids)
+    is_image = ids[0] == model.config.image_token_id
+    starts = [int(i) for i in torch.nonzero(is_image).flatten() if i == 0 or not is_image[i - 1]]
+    token_grids = [(int(h) // 2, int(w) // 2) for _, h, w in grids.tolist()]
+    kept = [torch.tensor([0, 4, 8]), torch.tensor([1, 5])]  # raster indices per image
+    keep_mask = ~is_image.clone()
+    for start, index in zip(starts, kept):
+        keep_mask[start + index] = True
+    short = keep_mask.sum().item()
+    spans = []
+    for start, index, grid in zip(starts, kept, token_grids):
+        offset = int(keep_mask[:start].sum())
+        spans.append((offset, len(index), (1, *grid)))
+    positions, short_delta = prompt_positions(short, spans)
+    is_media = torch.zeros(short, dtype=torch.bool)
+    for offset, length, _ in spans:
+        is_media[offset : offset + length] = True
+    offsets = torch.cat([kept_offsets(index, grid) for index, grid in zip(kept, token_grids)])
+    moved = add_offsets(positions, is_media, offsets)
+    assert torch.equal(moved, full[:, 0, keep_mask])
+    assert short_delta == int(delta) + (ids.shape[1] - short)  # the same next position after the prompt

@@ -74,6 +74,11 @@ def special_token_ids(tok) -> dict[str, int]:
     )
 
 
+def _mrope_section(text_hidden: int) -> list[int]:
+    pairs = text_hidden // 4 // 2  # 4 heads
+    return [pairs // 4, 3 * pairs // 8, pairs - pairs // 4 - 3 * pairs // 8]
+
+
 def tiny_qwen_vl_config(
     family: str = "qwen2_vl",
     *,
@@ -97,7 +102,9 @@ def tiny_qwen_vl_config(
         num_key_value_heads=2,
         max_position_embeddings=2048,
         initializer_range=initializer_range,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        # t/h/w frequency pairs in Qwen2-VL's 2:3:3 split of head_dim / 2 ([2, 3, 3] at the default width; [16, 24,
+        # 24] at head_dim 128, as Qwen2.5-VL-7B)
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(text_hidden)},
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=None,

@@ -20,6 +20,10 @@ How it works (DESIGN.md section 8):
   tensors (`Strategy.select` on `VisualTokens`); vision probes are computed from q/k of vLLM's vision layers by
   the same functions as in `vtc.patch` (vtc/probes.py).
 - A request may pass its own budget: `mm_processor_kwargs={"vtc_keep": 0.1}` (the engine's keep is the default).
+- Families (`MODELS`): LLaVA-1.5 (vtc/integrations/vllm/llava.py; kept tokens take consecutive 1-D positions),
+  Qwen2.5-VL and Qwen2-VL (vtc/integrations/vllm/qwen_vl.py; kept tokens keep their original M-RoPE (t, h, w)
+  positions, as in vtc.patch: vtc/integrations/vllm/mrope.py). Any other architecture with a "vtc" key fails at
+  engine start (`check_architecture`). Not served yet: LLaVA-NeXT, Qwen3-VL.
 
 This module imports no vLLM: `overrides()` validates with vtc alone, so it runs where vLLM is not installed.
 """
@@ -54,6 +58,8 @@ REFUSED = {
 # vLLM architecture name -> the vtc class that replaces it ("module:Class", imported lazily by vLLM).
 MODELS = {
     "LlavaForConditionalGeneration": "vtc.integrations.vllm.llava:VtcLlavaForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vtc.integrations.vllm.qwen_vl:VtcQwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "vtc.integrations.vllm.qwen_vl:VtcQwen2VLForConditionalGeneration",
 }
 
 KEEP_KWARG = "vtc_keep"  # a request's keep, in its mm_processor_kwargs
@@ -87,13 +93,30 @@ def overrides(strategy: str, keep: float | int | None = None, **options) -> dict
     return {"vtc": settings}
 
 
-def make_strategy(settings: dict):
-    """The vtc Strategy of an engine's "vtc" settings (keep None: the strategy's paper default, as in vtc.patch)."""
+class _Host:
+    """What a vLLM model class tells a strategy's `check_adapter` (the part of vtc's adapter interface that the
+    served strategies read): whether the vision tower has a real [CLS] token."""
+
+    def __init__(self, has_cls: bool):
+        self._has_cls = has_cls
+
+    def has_cls(self) -> bool:
+        return self._has_cls
+
+
+def make_strategy(settings: dict, has_cls: bool | None = None):
+    """The vtc Strategy of an engine's "vtc" settings (keep None: the strategy's paper default, as in vtc.patch).
+    With `has_cls` (the model's vision tower has a [CLS] token, or not), each strategy checks and configures itself
+    for the model as at vtc.patch (e.g. VisionZip's contextual rule for towers without [CLS]; HiRED refuses them)."""
     options = dict(settings)
     name, keep = options.pop("strategy"), options.pop("keep", None)
     if keep is None:
         keep = getattr(get_strategy_class(name), "default_keep", 1.0)
-    return build_strategy(name, keep, options)
+    strategy = build_strategy(name, keep, options)
+    if has_cls is not None:
+        for member in getattr(strategy, "members", [strategy]):
+            member.check_adapter(_Host(has_cls))
+    return strategy
 
 
 def request_settings(settings: dict, hf_kwargs) -> dict:
@@ -123,9 +146,35 @@ def served_budget(strategy, n_tokens: int) -> int:
     return strategy.stage_budget(n_tokens, n_tokens, "pre_llm")
 
 
+def check_architecture(arch: str, hf_config) -> None:
+    """Fail loud when an engine's hf_config carries vtc settings (`hf_overrides={"vtc": ...}`) but vLLM resolved an
+    architecture the plug-in does not register: vLLM's own class would ignore the key and serve the full prompt."""
+    if getattr(hf_config, "vtc", None) is not None and arch not in MODELS:
+        raise ValueError(
+            f"hf_overrides has a 'vtc' key, but vtc's vLLM plug-in does not serve architecture {arch!r} (vLLM would "
+            f"ignore the key and run the model uncompressed); served architectures: {', '.join(MODELS)}"
+        )
+
+
+def _guarded(inspect):
+    """vLLM's `ModelRegistry.inspect_model_cls`, followed by `check_architecture` on what it resolved."""
+
+    def inspect_model_cls(architectures, model_config):
+        info, arch = inspect(architectures, model_config)
+        check_architecture(arch, model_config.hf_config)
+        return info, arch
+
+    inspect_model_cls.vtc_guard = True
+    return inspect_model_cls
+
+
 def register() -> None:
-    """The `vllm.general_plugins` entry point: register vtc's model classes with vLLM (lazily, by name)."""
+    """The `vllm.general_plugins` entry point: register vtc's model classes with vLLM (lazily, by name), and guard
+    the registry instance so that a "vtc" key on an architecture without a vtc class fails when the engine's model
+    config resolves its architecture (before any engine starts)."""
     from vllm import ModelRegistry
 
     for arch, cls in MODELS.items():
         ModelRegistry.register_model(arch, cls)
+    if not getattr(ModelRegistry.inspect_model_cls, "vtc_guard", False):  # the instance, not vLLM's class
+        ModelRegistry.inspect_model_cls = _guarded(ModelRegistry.inspect_model_cls)

@@ -12,8 +12,7 @@ consecutive positions (tests/vllm/test_vllm.py); the kept tokens are vtc's own s
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from vllm.model_executor.models.llava import (
@@ -25,67 +24,32 @@ from vllm.model_executor.models.llava import (
     _build_llava_or_pixtral_hf_processor,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from ...probes import vit_attention_received, vit_cls_attention, vit_keys
-from . import KEEP_KWARG, SERVED, STRATEGY_KWARG, make_strategy, request_settings, served_budget
+from . import make_strategy, served_budget
+from .processor import (
+    KEEP_FIELD,
+    STRATEGY_FIELD,
+    VtcProcessorMixin,
+    engine_settings,
+    image_settings,
+    wanted_probes,
+)
 from .select import select_images
 
 VISION_PROBES = {"cls": vit_cls_attention, "received": vit_attention_received, "keys": vit_keys}
-# Per image, from the processor to embed_multimodal: the request's strategy (index into SERVED) and its keep
-# (a fraction as itself, a token count k as -k).
-STRATEGY_FIELD, KEEP_FIELD = "vtc_strategy", "vtc_keep"
 
 
-def engine_settings(hf_config) -> dict | None:
-    """The engine's "vtc" settings from hf_overrides, or None (the model is then vLLM's own)."""
-    return getattr(hf_config, "vtc", None)
-
-
-def encode_keep(keep: float | int) -> float:
-    return -float(keep) if isinstance(keep, int) else float(keep)
-
-
-def decode_keep(value: float) -> float | int:
-    return int(-value) if value < 0 else float(value)
-
-
-class VtcLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+class VtcLlavaMultiModalProcessor(VtcProcessorMixin, LlavaMultiModalProcessor):
     """Emits the budget's count of image placeholders per image instead of the full grid, and hands the request's
     strategy and keep to the model."""
-
-    def _settings(self, hf_kwargs) -> dict | None:
-        settings = engine_settings(self.info.get_hf_config())
-        return request_settings(settings, hf_kwargs) if settings is not None else None
-
-    def _call_hf_processor(self, hf_data, hf_kwargs):
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in (KEEP_KWARG, STRATEGY_KWARG)}  # vtc's own
-        return super()._call_hf_processor(hf_data, hf_kwargs)
 
     def _image_tokens(self) -> int:
         # LLaVA-1.5 resizes every image to the tower's square input: one token count for all images
         size = self.info.get_image_size_with_most_features()
         return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
-
-    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
-        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        settings = self._settings(hf_processor_mm_kwargs)
-        pixels = processed_data.get("pixel_values")
-        if settings is not None and pixels is not None:
-            strategy = make_strategy(settings)
-            n = len(pixels)
-            processed_data[STRATEGY_FIELD] = torch.full((n,), SERVED.index(strategy.name), dtype=torch.long)
-            processed_data[KEEP_FIELD] = torch.full((n,), encode_keep(strategy.keep), dtype=torch.float64)
-        return processed_data
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if engine_settings(self.info.get_hf_config()) is not None:
-            fields[STRATEGY_FIELD] = MultiModalFieldConfig.batched("image")
-            fields[KEEP_FIELD] = MultiModalFieldConfig.batched("image")
-        return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence:
         settings = self._settings(hf_processor_mm_kwargs)
@@ -131,7 +95,7 @@ class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtc_settings = engine_settings(self.config)
         if self.vtc_settings is not None:
-            make_strategy(self.vtc_settings)  # fails at engine start, naming the fix
+            make_strategy(self.vtc_settings, has_cls=True)  # fails at engine start, naming the fix
             vision = self.config.vision_config
             if vision.model_type != "clip_vision_model":
                 raise ValueError(f"vtc's vLLM plug-in serves LLaVA with a CLIP tower, not {vision.model_type!r}")
@@ -169,15 +133,8 @@ class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError("vtc's vLLM plug-in selects from pixel_values; image_embeds inputs are not supported")
         if kwargs.get("pixel_values") is None:
             return super().embed_multimodal(**kwargs)
-        per_image = [
-            request_settings(self.vtc_settings, {STRATEGY_KWARG: SERVED[int(i)], KEEP_KWARG: decode_keep(float(k))})
-            for i, k in zip(torch.as_tensor(strategy_ids).flatten(), torch.as_tensor(keeps).flatten())
-        ]
-        wanted: dict[str, set[int]] = {}
-        for settings in {json.dumps(s, sort_keys=True) for s in per_image}:
-            probes_of = make_strategy(json.loads(settings)).vision_probes(self.vtc_layers, self.vtc_feature_layer)
-            for kind, layers in probes_of.items():
-                wanted.setdefault(kind, set()).update(layers)
+        per_image = image_settings(self.vtc_settings, strategy_ids, keeps)
+        wanted = wanted_probes(per_image, (self.vtc_layers, self.vtc_feature_layer))
         probes: dict = {}
         hooks = self._probe_hooks(wanted, probes)
         try:
@@ -185,4 +142,5 @@ class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         finally:
             for h in hooks:
                 h.remove()
-        return select_images(per_image, embeds, self.vtc_grid, probes, (self.vtc_layers, self.vtc_feature_layer))
+        layers = (self.vtc_layers, self.vtc_feature_layer)
+        return select_images(per_image, embeds, self.vtc_grid, probes, layers, has_cls=True)

@@ -21,21 +21,25 @@ def select_images(
     grid: tuple[int, int],
     probes: dict[str, dict[int, torch.Tensor]],
     vision_layers: tuple[int, int],
-) -> list[torch.Tensor]:
-    """Each image's kept (or merged) features, (budget_i, D), in raster order.
+    with_index: bool = False,
+    has_cls: bool | None = None,
+) -> list:
+    """Each image's kept (or merged) features, (budget_i, D), in raster order; with `with_index`, per image the pair
+    (the kept tokens' raster indices (budget_i,), sorted; for merged tokens the indices whose positions they take in
+    vtc.patch, their features).
 
     settings: per image, the vtc settings of its request ({"strategy", "keep", **options}); features: (I, N, D)
     projected visual tokens of I images that share one grid; probes: kind -> vision layer -> (I, C, N) rows, as
     vtc.patch's adapters give them (a superset: each strategy sees the layers it asks for); vision_layers: (layers
-    of the tower, the 0-based feature layer). Images with equal settings are selected together. Every image is its
-    own sample (image 0 of its prompt): vLLM's encoder cache shares an image's embedding across prompts, so a
-    selection may depend on the image alone."""
+    of the tower, the 0-based feature layer); has_cls: whether the tower has a [CLS] token (see `make_strategy`).
+    Images with equal settings are selected together. Every image is its own sample (image 0 of its prompt): vLLM's
+    encoder cache shares an image's embedding across prompts, so a selection may depend on the image alone."""
     from . import make_strategy, served_budget
 
-    out: list[torch.Tensor | None] = [None] * features.shape[0]
+    out: list = [None] * features.shape[0]
     device, n_tokens = features.device, features.shape[1]
     for key in sorted({json.dumps(s, sort_keys=True) for s in settings}):
-        strategy = make_strategy(json.loads(key))
+        strategy = make_strategy(json.loads(key), has_cls)
         rows = torch.tensor([i for i, s in enumerate(settings) if json.dumps(s, sort_keys=True) == key], device=device)
         n_images = len(rows)
         asked = strategy.vision_probes(*vision_layers)
@@ -66,5 +70,5 @@ def select_images(
             else visual.features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]))
         )
         for row, image in enumerate(rows.tolist()):
-            out[image] = kept[row]
+            out[image] = (index[row], kept[row]) if with_index else kept[row]
     return out
