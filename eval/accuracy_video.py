@@ -172,9 +172,10 @@ def plot(table: dict, path: Path, n: int) -> None:
         ax.set_xlabel("keep (fraction of visual tokens)")
     axes[0].set_ylabel("held-out accuracy")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8)
+    columns = (len(labels) + 17) // 18  # at most 18 entries a column fit the figure's height
+    fig.legend(handles, labels, loc="center right", fontsize=8, ncol=columns)
     fig.suptitle(f"tiny video VLM (Qwen2-VL), moving-shapes clips: accuracy vs visual-token budget ({n} clips)")
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.tight_layout(rect=(0, 0, 1 - 0.07 * columns, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
